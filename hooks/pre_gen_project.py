@@ -1,0 +1,29 @@
+"""Reject names that would make a broken project, before anything is generated."""
+
+import keyword
+import re
+import sys
+
+package_name = "{{ cookiecutter.package_name }}"
+project_slug = "{{ cookiecutter.project_slug }}"
+
+# Names the generated code imports: a package called like one of them would shadow it.
+TAKEN = set(getattr(sys, "stdlib_module_names", ())) | {"torch", "yaml", "numpy", "tqdm", "tests"}
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if not package_name.isidentifier() or not package_name.isascii():
+    fail(f"package_name '{package_name}' is not a valid Python identifier (use letters, digits and underscores)")
+if keyword.iskeyword(package_name):
+    fail(f"package_name '{package_name}' is a Python keyword; choose another name")
+if package_name in TAKEN:
+    fail(f"package_name '{package_name}' would shadow the module of the same name; choose another name")
+if not re.fullmatch(r"[a-z0-9]([a-z0-9._-]*[a-z0-9])?", project_slug):
+    fail(
+        f"project_slug '{project_slug}' is not a valid folder/distribution name "
+        "(lowercase letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"
+    )

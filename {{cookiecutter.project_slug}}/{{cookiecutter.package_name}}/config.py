@@ -1,0 +1,224 @@
+"""Essential 1: the config. Every hyperparameter lives here, with a default.
+
+Loaded from YAML, overridden on the command line as ``key=value``, validated
+before anything is built, written to ``out_dir/config.yaml`` and stored as a
+plain dict in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LR_SCHEDULES = ("warmup_cosine", "onecycle", "step")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; reported as one line, exit code 2."""
+
+
+@dataclass
+class Config:
+    # --- run ---
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    precision: str = "{{ cookiecutter.precision }}"  # auto, bf16, fp16, fp32
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    resume: str = ""  # "" starts fresh, "auto" continues from out_dir/last.pt if present, or a path
+    overwrite: bool = False  # allow a fresh start in an out_dir that already holds a run
+
+    # --- data (synthetic task in data.py; replace with yours) ---
+    num_classes: int = 4
+    input_dim: int = 16
+    train_size: int = 4096
+    val_size: int = 1024
+    num_workers: int = 0
+
+    # --- model (model.py) ---
+    hidden_dim: int = 64
+    dropout: float = 0.1
+
+    # --- optimisation ---
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32  # micro-batch; one optimizer step sees batch_size * accum_steps samples
+    accum_steps: int = 1
+    max_steps: int = 2000  # optimizer steps
+    clip_grad_norm: float = 1.0  # 0 turns clipping off
+
+    # --- learning-rate schedule (schedule.py) ---
+    lr_schedule: str = "{{ cookiecutter.lr_schedule }}"  # warmup_cosine, onecycle, step
+    warmup_steps: int = 100
+    min_lr: float = 3e-5
+    lr_step_size: int = 500  # step schedule: decay every this many steps
+    lr_gamma: float = 0.1  # step schedule: multiply the lr by this at each decay
+
+    # --- validation, logging, checkpoints ---
+    eval_every: int = 200
+    log_every: int = 50
+    ckpt_every: int = 200
+    monitor: str = "val_loss"  # metric that decides best.pt
+    monitor_mode: str = "min"  # min: lower is better; max: higher is better
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, FIELD_TYPES, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_value(key: str, raw: Any) -> Any:
+    """Convert ``raw`` (a YAML value or a command-line string) to the type of ``key``."""
+    kind = FIELD_TYPES[key]
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("false", "no", "0", "off"):
+            return False
+    elif kind == "int":
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+    elif kind == "float":
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+    elif kind == "str":
+        if raw is None:
+            return ""
+        if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+            return str(raw)
+    raise ConfigError(f"{key} must be {_TYPE_WORDS[kind]}, got {raw!r}")
+
+
+_TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    for key, raw in values.items():
+        if key not in FIELD_TYPES:
+            raise ConfigError(f"unknown config key '{key}'{_suggest(key)}")
+        setattr(cfg, key, parse_value(key, raw))
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    values = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{arg}' is not key=value (e.g. lr=1e-3)")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        apply_overrides(cfg, read_yaml(path))
+    apply_overrides(cfg, parse_overrides(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config saved in a checkpoint (unknown keys are an error)."""
+    cfg = apply_overrides(Config(), dict(values))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    require(cfg.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{cfg.precision}'")
+    require(
+        cfg.lr_schedule in LR_SCHEDULES,
+        f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_schedule}'",
+    )
+    require(
+        DEVICE_PATTERN.fullmatch(cfg.device) is not None,
+        f"device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'",
+    )
+    require(cfg.monitor_mode in ("min", "max"), f"monitor_mode must be min or max, got '{cfg.monitor_mode}'")
+    require(bool(cfg.out_dir), "out_dir must not be empty")
+    require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    require(0 <= cfg.min_lr <= cfg.lr, f"min_lr must be between 0 and lr ({cfg.lr}), got {cfg.min_lr}")
+    require(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    require(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
+    require(cfg.accum_steps >= 1, f"accum_steps must be >= 1, got {cfg.accum_steps}")
+    require(cfg.max_steps >= 1, f"max_steps must be >= 1, got {cfg.max_steps}")
+    require(
+        0 <= cfg.warmup_steps <= cfg.max_steps,
+        f"warmup_steps must be between 0 and max_steps ({cfg.max_steps}), got {cfg.warmup_steps}",
+    )
+    require(cfg.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0 (0 turns clipping off), got {cfg.clip_grad_norm}")
+    require(cfg.lr_step_size >= 1, f"lr_step_size must be >= 1, got {cfg.lr_step_size}")
+    require(0 < cfg.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
+    for key in ("eval_every", "log_every", "ckpt_every", "max_bad_steps"):
+        require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("num_workers", "num_threads"):
+        require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("num_classes", "input_dim", "hidden_dim", "train_size", "val_size"):
+        require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    require(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields whose values differ between two config dicts: {key: (old, new)}."""
+    keys = list(dict.fromkeys([*old, *new]))
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

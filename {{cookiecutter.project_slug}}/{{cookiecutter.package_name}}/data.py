@@ -1,0 +1,42 @@
+"""YOURS TO REPLACE: the datasets.
+
+``build_datasets(cfg)`` returns ``(train_dataset, val_dataset)``: map-style
+datasets (``__len__`` and ``__getitem__``) whose items are ``(input, target)``.
+The loop never looks inside them. The stand-in below is a synthetic
+classification task generated from the seed (no downloads): Gaussian clusters,
+one per class, in ``input_dim`` dimensions.
+
+If you add random augmentation, draw it from torch's RNG inside
+``__getitem__``: each DataLoader worker is seeded per epoch (loader.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from .config import Config
+
+
+class TensorPairs(Dataset):
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
+def _clusters(n: int, centers: torch.Tensor, generator: torch.Generator) -> TensorPairs:
+    targets = torch.randint(len(centers), (n,), generator=generator)
+    inputs = centers[targets] + torch.randn(n, centers.shape[1], generator=generator)
+    return TensorPairs(inputs, targets)
+
+
+def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
+    # A private generator: building the data never moves the global RNG streams.
+    generator = torch.Generator().manual_seed(cfg.seed)
+    centers = 1.2 * torch.randn(cfg.num_classes, cfg.input_dim, generator=generator)
+    return _clusters(cfg.train_size, centers, generator), _clusters(cfg.val_size, centers, generator)

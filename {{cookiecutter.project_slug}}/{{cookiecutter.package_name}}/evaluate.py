@@ -1,0 +1,94 @@
+"""Essential 6 (the measuring half): validation, and evaluating a saved checkpoint.
+
+``evaluate`` is the one evaluation code path: the training loop calls it, and
+so does ``python -m {{ cookiecutter.package_name }}.evaluate --checkpoint OUT_DIR/best.pt``,
+which rebuilds the model and data from the checkpoint's own config and
+reproduces the metrics recorded when it was saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .config import ConfigError, apply_overrides, config_from_dict, parse_overrides, validate
+from .data import build_datasets
+from .loader import build_loaders
+from .model import build_model
+from .precision import Precision, resolve_device, resolve_precision
+from .task import metric_sums
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision) -> dict[str, float]:
+    """Mean of each metric over the whole validation set (sums / samples, read once at the end)."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for inputs, targets in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with precision.autocast():
+            output = model(inputs)
+        for name, value in metric_sums(output, targets).items():
+            sums[name] = sums.get(name, 0) + value.double()
+        count += len(targets)
+    model.train(was_training)
+    names = list(sums)
+    totals = torch.stack([sums[name] for name in names] + [count])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)  # sums over every shard, not a mean of means
+    *values, total = totals.tolist()
+    return {name: value / total for name, value in zip(names, values)}
+
+
+def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) -> dict[str, float]:
+    state = load_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    apply_overrides(cfg, parse_overrides(overrides or []))
+    validate(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    model = build_model(cfg)
+    load_model_state(model, state["model"], path)
+    model.to(device)
+    train_set, val_set = build_datasets(cfg)
+    _, val_loader = build_loaders(cfg, train_set, val_set, device)
+    return evaluate(model, val_loader, device, precision)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m {{ cookiecutter.package_name }}.evaluate",
+        description="Evaluate a saved checkpoint on the validation set with the checkpoint's own config.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="path to best.pt or last.pt")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config changes, e.g. device=cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        recorded = load_checkpoint(args.checkpoint).get("metrics") or {}
+        metrics = evaluate_checkpoint(args.checkpoint, args.overrides)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, value in metrics.items():
+        saved = f"  (recorded at save: {recorded[name]:.6f})" if name in recorded else ""
+        print(f"{name}: {value:.6f}{saved}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""DataLoaders that are seeded and resumable.
+
+Training order is a pure function of (seed, epoch): the sampler shuffles with
+its own generator, so a run resumed mid-epoch continues with the very next
+batch of the same order, without replaying or skipping data. Under torchrun
+the same sampler gives each process its own shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .config import Config, ConfigError
+from .seed import seed_worker
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (seeded, ``set_epoch``) that can start part-way into an epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every ``world_size``-th index from ``rank``: shards cover the set once, with no padding."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class BatchStream:
+    """An endless stream of training batches that knows its (epoch, batch) position."""
+
+    def __init__(self, loader: DataLoader, sampler: ResumableSampler, seed: int):
+        self.loader, self.sampler, self.seed = loader, sampler, seed
+        self.epoch, self.batch_in_epoch = 0, 0
+        self._iterator: Iterator | None = None
+
+    def _open_epoch(self) -> None:
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.start = self.batch_in_epoch * self.loader.batch_size
+        # Worker seeds come from this generator: re-seed it per epoch so they do not depend on history.
+        self.loader.generator.manual_seed(self.seed * 100_003 + self.epoch)
+        self._iterator = iter(self.loader)
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._open_epoch()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._open_epoch()
+            batch = next(self._iterator)
+        self.batch_in_epoch += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self._iterator = None
+
+
+def build_loaders(
+    cfg: Config, train_set: Dataset, val_set: Dataset, device: torch.device, rank: int = 0, world_size: int = 1
+) -> tuple[BatchStream, DataLoader]:
+    sampler = ResumableSampler(train_set, seed=cfg.seed, num_replicas=world_size, rank=rank)
+    batches_per_epoch = len(sampler) // cfg.batch_size
+    if batches_per_epoch < 1:
+        raise ConfigError(
+            f"the training set has {len(train_set)} samples ({len(sampler)} per process), "
+            f"fewer than one batch of batch_size={cfg.batch_size}"
+        )
+    common = dict(
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+        worker_init_fn=seed_worker if cfg.num_workers > 0 else None,
+    )
+    train_loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,  # equal-size micro-batches keep accumulation equal to one big batch
+        generator=torch.Generator(),
+        **common,
+    )
+    val_sampler = ShardSampler(len(val_set), rank, world_size)
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, sampler=val_sampler, **common)
+    return BatchStream(train_loader, sampler, cfg.seed), val_loader
