@@ -49,7 +49,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)  # sums over every shard, not a mean of means
     *values, total = totals.tolist()
-    return {name: value / total for name, value in zip(names, values)}
+    return {name: value / total for name, value in zip(names, values, strict=True)}
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) -> dict[str, float]:

@@ -105,5 +105,9 @@ def build_loaders(
         **common,
     )
     val_sampler = ShardSampler(len(val_set), rank, world_size)
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, sampler=val_sampler, **common)
+    # Its own generator too: a DataLoader without one draws worker seeds from the global
+    # RNG, so evaluating would shift the dropout stream of training.
+    val_loader = DataLoader(
+        val_set, batch_size=cfg.batch_size, sampler=val_sampler, generator=torch.Generator(), **common
+    )
     return BatchStream(train_loader, sampler, cfg.seed), val_loader

@@ -64,7 +64,11 @@ class Precision:
 def _bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "mps" and hasattr(torch.backends.mps, "is_macos_or_newer") and torch.backends.mps.is_macos_or_newer(14, 0)
+    return (
+        device.type == "mps"
+        and hasattr(torch.backends.mps, "is_macos_or_newer")
+        and torch.backends.mps.is_macos_or_newer(14, 0)
+    )
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:

@@ -43,10 +43,9 @@ SERIES = ("loss", "grad_norm", "skipped", "bad")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 # Changing these on resume is harmless; any other difference is reported as one
 # that makes the resumed run differ from an uninterrupted one.
-SAFE_ON_RESUME = {
-    "max_steps", "eval_every", "log_every", "ckpt_every", "out_dir", "resume",
-    "overwrite", "num_workers", "num_threads", "device", "max_bad_steps",
-}  # fmt: skip
+SAFE_ON_RESUME = set(
+    "max_steps eval_every log_every ckpt_every out_dir num_workers num_threads device max_bad_steps".split()
+)
 
 
 class TrainingError(RuntimeError):
@@ -117,6 +116,8 @@ def check_out_dir(cfg: Config, resuming_from: Path | None) -> None:
 
 def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path) -> None:
     changes = differences(saved, to_dict(cfg))
+    for key in ("resume", "overwrite"):  # how this run was started, not what it trains
+        changes.pop(key, None)
     for key, (old, new) in changes.items():
         note = "" if key in SAFE_ON_RESUME else "  (the resumed run will differ from an uninterrupted one)"
         log.warning("resume: %s changed from %r to %r%s", key, old, new, note)
@@ -189,8 +190,11 @@ def train(cfg: Config) -> dict[str, Any]:
         log.info("resumed from %s at step %d", resume_from, step)
     log.info(
         "training on %s, precision %s, %s parameters, %d samples per optimizer step",
-        device, precision.name, f"{sum(p.numel() for p in model.parameters()):,}", cfg.batch_size * cfg.accum_steps,
-    )  # fmt: skip
+        device,
+        precision.name,
+        f"{sum(p.numel() for p in model.parameters()):,}",
+        cfg.batch_size * cfg.accum_steps,
+    )
 
     def save(name: str) -> None:
         # Everything needed to continue exactly: tensors, numbers, strings, lists and dicts only.
@@ -246,8 +250,13 @@ def train(cfg: Config) -> dict[str, Any]:
             record["grad_norm"] = sum(row[2] for row in kept) / len(kept)
         on_host.clear()
         metrics_log.write(record)
-        log.info("step %d  loss %.4f  lr %.3g  grad_norm %.3g", step, record.get("loss", math.nan), lr_used,
-                 record.get("grad_norm", math.nan))  # fmt: skip
+        log.info(
+            "step %d  loss %.4f  lr %.3g  grad_norm %.3g",
+            step,
+            record.get("loss", math.nan),
+            lr_used,
+            record.get("grad_norm", math.nan),
+        )
 
     # --- the loop: one iteration = one optimizer step over accum_steps micro-batches ---
     fp16_scale = scaler.get_scale() if scaler is not None else None
@@ -291,7 +300,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 scheduler.step()  # also after a skipped step: the skip is rare and stops the run if repeated
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            for name, value in zip(SERIES, (step_loss, grad_norm, skipped, bad)):
+            for name, value in zip(SERIES, (step_loss, grad_norm, skipped, bad), strict=True):
                 on_device[name].append(value)
 
             # --- logging, validation, checkpoints (each reads from the device; the steps between do not) ---
@@ -305,7 +314,9 @@ def train(cfg: Config) -> dict[str, Any]:
             if do_eval:
                 last_metrics = evaluate(model, val_loader, device, precision)
                 if cfg.monitor not in last_metrics:
-                    raise ConfigError(f"monitor '{cfg.monitor}' is not an evaluation metric; choose one of {sorted(last_metrics)}")
+                    raise ConfigError(
+                        f"monitor '{cfg.monitor}' is not an evaluation metric; choose one of {sorted(last_metrics)}"
+                    )
                 value = last_metrics[cfg.monitor]
                 new_best = is_better(value, best_metric, cfg.monitor_mode)
                 metrics_log.write({"step": step, **last_metrics})
@@ -317,7 +328,9 @@ def train(cfg: Config) -> dict[str, Any]:
             if do_ckpt and (bad_streak == 0 or stop.requested):
                 save("last.pt")
             if stop.requested:
-                log.warning("stopped by signal %d at step %d; last.pt saved, resume with resume=auto", stop.signum, step)
+                log.warning(
+                    "stopped by signal %d at step %d; last.pt saved, resume with resume=auto", stop.signum, step
+                )
                 break
 
     seconds = time.perf_counter() - started
@@ -358,9 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     best = summary["best_metric"]
     log.info(
         "done: %d steps in %.1fs; best %s %s at step %s; files in %s",
-        summary["step"], summary["seconds"], summary["monitor"],
-        f"{best:.4f}" if best is not None else "n/a", summary["best_step"], summary["out_dir"],
-    )  # fmt: skip
+        summary["step"],
+        summary["seconds"],
+        summary["monitor"],
+        f"{best:.4f}" if best is not None else "n/a",
+        summary["best_step"],
+        summary["out_dir"],
+    )
     return summary["exit_code"]
 
 

@@ -1,0 +1,210 @@
+"""Bake the template with every option value and prove each baked project works."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from cookiecutter.exceptions import FailedHookException
+from cookiecutter.main import cookiecutter
+
+from .conftest import BAKE_TIMES, DEFAULTS, TEMPLATE, bake
+
+# Four bakes cover every value of every choice variable (the first is all defaults).
+BAKES = {
+    "defaults": {},
+    "bf16-onecycle-apache": {"precision": "bf16", "lr_schedule": "onecycle", "license": "Apache-2.0"},
+    "fp16-step-bsd": {"precision": "fp16", "lr_schedule": "step", "license": "BSD-3-Clause"},
+    "fp32-nolicense-nosmoke": {
+        "project_name": "Vision Lab 2",
+        "precision": "fp32",
+        "lr_schedule": "warmup_cosine",
+        "license": "none",
+        "run_smoke_test": False,
+    },
+}
+HOOK_SECONDS_LIMIT = 5.0  # bake + smoke training, torch import included, on a 2-core CPU
+
+
+class Baked:
+    def __init__(self, name: str, path: Path, context: dict, seconds: float, output: str):
+        self.name, self.path, self.context, self.seconds, self.output = name, path, context, seconds, output
+        self.answers = {**{k: v[0] if isinstance(v, list) else v for k, v in DEFAULTS.items()}, **context}
+        self.package = json.loads((path / ".cookiecutter.json").read_text())["cookiecutter"]["package_name"]
+
+
+@pytest.fixture(scope="module", params=list(BAKES), ids=list(BAKES))
+def baked(request, tmp_path_factory, user_config) -> Baked:
+    context = BAKES[request.param]
+    out = tmp_path_factory.mktemp(request.param)
+    # The hooks run as subprocesses writing to file descriptor 1: point it at a file
+    # (capfd is function-scoped, this fixture is not).
+    log = out.parent / f"{request.param}-hook-output.txt"
+    saved_stdout = os.dup(1)
+    with log.open("wb") as f:
+        os.dup2(f.fileno(), 1)
+        try:
+            started = time.perf_counter()
+            path = bake(out, user_config, **context)
+            seconds = time.perf_counter() - started
+        finally:
+            os.dup2(saved_stdout, 1)
+            os.close(saved_stdout)
+    return Baked(request.param, path, context, seconds, log.read_text())
+
+
+def project_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_no_template_syntax_left_in_paths_or_files(baked):
+    for path in [baked.path, *baked.path.rglob("*")]:
+        rel = str(path.relative_to(baked.path.parent))
+        assert "{{" not in rel and "{%" not in rel, rel
+        if path.is_file():
+            text = path.read_text()
+            for marker in ("{{", "{%", "{#"):
+                assert marker not in text, f"{marker!r} left in {rel}"
+
+
+def test_python_compiles_and_passes_ruff(baked):
+    python_files = [p for p in project_files(baked.path) if p.suffix == ".py"]
+    assert len(python_files) >= 15
+    for path in python_files:
+        compile(path.read_text(), str(path), "exec")  # a SyntaxError fails the test
+    ruff = [sys.executable, "-m", "ruff"]
+    subprocess.run([*ruff, "check", "--no-cache", "."], cwd=baked.path, check=True)
+    subprocess.run([*ruff, "format", "--no-cache", "--check", "."], cwd=baked.path, check=True)
+
+
+def test_answers_are_kept_for_updates(baked):
+    kept = json.loads((baked.path / ".cookiecutter.json").read_text())["cookiecutter"]
+    for key in ("precision", "lr_schedule", "license", "run_smoke_test", "project_name"):
+        assert kept[key] == baked.answers[key]
+    assert kept["_template"] == str(TEMPLATE)
+
+
+def test_choices_become_the_generated_defaults(baked):
+    cfg = yaml.safe_load((baked.path / "configs" / "default.yaml").read_text())
+    assert cfg["precision"] == baked.answers["precision"]
+    assert cfg["lr_schedule"] == baked.answers["lr_schedule"]
+    config_py = (baked.path / baked.package / "config.py").read_text()
+    assert f'precision: str = "{baked.answers["precision"]}"' in config_py
+    assert f'lr_schedule: str = "{baked.answers["lr_schedule"]}"' in config_py
+
+
+def test_license_matches_the_choice(baked):
+    license_file = baked.path / "LICENSE"
+    pyproject = (baked.path / "pyproject.toml").read_text()
+    if baked.answers["license"] == "none":
+        assert not license_file.exists()
+        assert "license" not in pyproject
+    else:
+        first_words = {"MIT": "MIT License", "BSD-3-Clause": "BSD 3-Clause License", "Apache-2.0": "Copyright"}
+        assert license_file.read_text().startswith(first_words[baked.answers["license"]])
+        assert baked.answers["author_name"] in license_file.read_text()
+        assert f'license = {{ text = "{baked.answers["license"]}" }}' in pyproject
+
+
+def test_post_gen_hook_smoke_trains_or_skips_as_asked(baked):
+    if baked.answers["run_smoke_test"]:
+        lines = [line for line in baked.output.splitlines() if line.startswith("smoke training passed:")]
+        assert len(lines) == 1, baked.output
+        assert "reproduced from best.pt" in lines[0]
+        assert baked.seconds < HOOK_SECONDS_LIMIT * 2, f"bake took {baked.seconds:.1f}s"  # generous: shared CI
+        BAKE_TIMES[baked.name] = baked.seconds
+    else:
+        assert "smoke training" not in baked.output
+    assert not list(baked.path.rglob("__pycache__")), "the hook left bytecode in the project"
+    assert not (baked.path / "runs").exists()
+
+
+def test_baked_project_test_suite_passes(baked):
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=baked.path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]
+
+
+def test_replaying_the_kept_answers_bakes_the_same_project(tmp_path, user_config):
+    first = bake(tmp_path / "first", user_config, **BAKES["fp32-nolicense-nosmoke"])
+    again = Path(
+        cookiecutter(
+            str(TEMPLATE),
+            replay=str(first / ".cookiecutter.json"),
+            output_dir=str(tmp_path / "again"),
+            config_file=user_config,
+        )
+    )
+    files = project_files(first)
+    assert sorted(p.relative_to(first) for p in files) == sorted(p.relative_to(again) for p in project_files(again))
+    for path in files:
+        assert (again / path.relative_to(first)).read_bytes() == path.read_bytes(), path
+
+
+@pytest.mark.parametrize(
+    ("context", "message"),
+    [
+        ({"package_name": "1model"}, "is not a valid Python identifier"),
+        ({"package_name": "my-model"}, "is not a valid Python identifier"),
+        ({"package_name": "class"}, "is a Python keyword"),
+        ({"package_name": "random"}, "would shadow the module of the same name"),
+        ({"package_name": "torch"}, "would shadow the module of the same name"),
+        ({"project_slug": "My Project!", "package_name": "my_project"}, "is not a valid folder/distribution name"),
+    ],
+)
+def test_pre_gen_hook_rejects_bad_names_and_leaves_nothing(tmp_path, user_config, capfd, context, message):
+    with pytest.raises(FailedHookException):
+        bake(tmp_path, user_config, run_smoke_test=False, **context)
+    err = capfd.readouterr().err
+    assert message in err and err.count("error:") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def sabotaged_template(tmp_path: Path, smoke_yaml_extra: str) -> Path:
+    copy = tmp_path / "template"
+    shutil.copytree(TEMPLATE, copy, ignore=shutil.ignore_patterns(".git", ".venv", "baked", "tests", "__pycache__"))
+    smoke = copy / "{{cookiecutter.project_slug}}" / "configs" / "smoke.yaml"
+    smoke.write_text(smoke.read_text() + smoke_yaml_extra)
+    return copy
+
+
+def test_post_gen_hook_fails_loudly_when_the_model_does_not_learn(tmp_path, user_config, capfd):
+    template = sabotaged_template(tmp_path, "lr: 1.0e-7\nmin_lr: 0\n")  # far too small to learn anything
+    out = tmp_path / "out"
+    with pytest.raises(FailedHookException):
+        bake(out, user_config, template=template)
+    err = capfd.readouterr().err
+    assert "smoke training failed: val_acc" in err and "(expected >= 0.9)" in err
+    assert not out.exists() or list(out.iterdir()) == []  # cookiecutter removes the failed project
+
+
+def test_post_gen_hook_without_torch_explains_and_keeps_the_project(tmp_path, user_config, capfd, monkeypatch):
+    fake = tmp_path / "fake-site"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    project = bake(tmp_path / "out", user_config)
+    out = capfd.readouterr().out
+    assert "smoke training skipped: PyTorch is not installed" in out
+    assert "configs/smoke.yaml" in out
+    assert (project / "pyproject.toml").exists()
+
+
+def test_template_sources_pass_ruff():
+    # The hooks and these tests; the project template itself is linted after baking, above.
+    ruff = [sys.executable, "-m", "ruff"]
+    subprocess.run([*ruff, "check", "--no-cache", "hooks", "tests"], cwd=TEMPLATE, check=True)
+    subprocess.run([*ruff, "format", "--no-cache", "--check", "hooks", "tests"], cwd=TEMPLATE, check=True)

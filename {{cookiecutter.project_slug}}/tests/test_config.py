@@ -1,0 +1,107 @@
+"""Essential 1: the config loads, overrides, validates, round-trips, and rejects bad input clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from {{ cookiecutter.package_name }}.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from {{ cookiecutter.package_name }}.train import main, train
+
+from .conftest import ROOT, SMOKE, checkpoint
+
+
+def test_defaults_yaml_and_overrides_are_applied_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nbatch_size: 16\nmax_steps: 500\n")  # 1e-3 is a string to YAML: still accepted
+    cfg = load_config(path, ["batch_size=8", "overwrite=true", "dropout=0"])
+    assert cfg.lr == 1e-3 and cfg.batch_size == 8 and cfg.max_steps == 500 and cfg.overwrite is True
+    assert cfg.dropout == 0.0 and isinstance(cfg.dropout, float)
+    assert cfg.weight_decay == Config().weight_decay
+
+
+def test_config_round_trips_through_yaml_dict_and_checkpoint(make_config):
+    cfg = make_config("max_steps=4", "warmup_steps=0", "eval_every=2", "lr=0.02")
+    train(cfg)
+    written = yaml.safe_load((Path(cfg.out_dir) / "config.yaml").read_text())
+    assert written == to_dict(cfg)
+    assert config_from_dict(written) == cfg
+    for name in ("best.pt", "last.pt"):
+        assert checkpoint(cfg.out_dir, name)["config"] == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lrr=0.1"], "unknown config key 'lrr' (did you mean 'lr'?)"),
+        (["batch_size=eight"], "batch_size must be an integer, got 'eight'"),
+        (["lr=fast"], "lr must be a number"),
+        (["overwrite=maybe"], "overwrite must be true or false"),
+        (["lr=0"], "lr must be > 0"),
+        (["lr=-1"], "lr must be > 0"),
+        (["accum_steps=0"], "accum_steps must be >= 1"),
+        (["warmup_steps=500", "max_steps=100"], "warmup_steps must be between 0 and max_steps (100)"),
+        (["precision=fp8"], "precision must be one of auto, bf16, fp16, fp32"),
+        (["lr_schedule=linear"], "lr_schedule must be one of warmup_cosine, onecycle, step"),
+        (["device=tpu"], "device must be auto, cpu, cuda, cuda:N or mps"),
+        (["max_steps"], "override 'max_steps' is not key=value"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, overrides, message):
+    out_dir = tmp_path / "out"
+    code = main(["--config", str(SMOKE), f"out_dir={out_dir}", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out_dir.exists()
+
+
+def test_missing_and_malformed_yaml(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1,\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- lr\n")
+    assert main(["--config", str(listing)]) == 2
+    assert "must hold a mapping" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_unavailable_device_is_rejected_before_anything_is_built(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    assert main(["--config", str(SMOKE), f"out_dir={out_dir}", "device=cuda"]) == 2
+    assert "is not available" in capsys.readouterr().err
+    assert not out_dir.exists()
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "{{ cookiecutter.package_name }}.train",
+            "--config",
+            str(SMOKE),
+            "batchsize=8",
+            f"out_dir={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "error: unknown config key 'batchsize' (did you mean 'batch_size'?)\n"
+
+
+def test_loaded_checkpoint_config_with_unknown_key_is_rejected():
+    with pytest.raises(ConfigError, match="unknown config key 'colour'"):
+        config_from_dict({**to_dict(Config()), "colour": "red"})

@@ -1,0 +1,200 @@
+"""Seed, accumulation, clipping, schedule, validation + best checkpoint: each proven, not just run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from {{ cookiecutter.package_name }} import train as train_module
+from {{ cookiecutter.package_name }}.config import load_config
+from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
+from {{ cookiecutter.package_name }}.schedule import build_scheduler, lr_at
+from {{ cookiecutter.package_name }}.train import clip_gradients, train
+
+from .conftest import assert_same_weights, checkpoint, eval_records, train_records
+
+
+def losses(out_dir) -> list[float]:
+    return [r["loss"] for r in train_records(out_dir)]
+
+
+# --- 2. seed ---
+
+
+def test_same_seed_gives_the_same_loss_curve_bit_for_bit(make_config):
+    a = make_config("max_steps=30", "log_every=1", name="a")
+    b = make_config("max_steps=30", "log_every=1", name="b")
+    train(a)
+    train(b)
+    assert losses(a.out_dir) == losses(b.out_dir)
+    assert_same_weights(checkpoint(a.out_dir)["model"], checkpoint(b.out_dir)["model"])
+
+
+def test_different_seed_gives_a_different_curve(make_config):
+    a = make_config("max_steps=10", "log_every=1", name="a")
+    b = make_config("max_steps=10", "log_every=1", "seed=1", name="b")
+    train(a)
+    train(b)
+    assert losses(a.out_dir) != losses(b.out_dir)
+
+
+def test_evaluation_does_not_disturb_the_training_randomness(make_config):
+    # Dropout draws from the global RNG; evaluating (however often) must not move it.
+    rare = make_config("max_steps=30", "log_every=1", "eval_every=1000", name="rare")
+    often = make_config("max_steps=30", "log_every=1", "eval_every=3", name="often")
+    train(rare)
+    train(often)
+    assert losses(rare.out_dir) == losses(often.out_dir)
+
+
+# --- accumulation ---
+
+
+def test_accumulation_equals_one_big_batch(make_config):
+    common = ["precision=fp32", "dropout=0", "max_steps=12", "log_every=1", "clip_grad_norm=0.5"]
+    small = make_config(*common, "batch_size=8", "accum_steps=4", name="accum")
+    big = make_config(*common, "batch_size=32", "accum_steps=1", name="big")
+    train(small)
+    train(big)
+    for r_small, r_big in zip(train_records(small.out_dir), train_records(big.out_dir), strict=True):
+        assert r_small["loss"] == pytest.approx(r_big["loss"], rel=1e-5)
+        assert r_small["grad_norm"] == pytest.approx(r_big["grad_norm"], rel=1e-4)
+    a, b = checkpoint(small.out_dir)["model"], checkpoint(big.out_dir)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+# --- 4. clipping ---
+
+
+def test_clipping_bounds_the_norm_and_reports_the_norm_before_it():
+    model = torch.nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    expected = math.sqrt(100.0 * sum(p.numel() for p in model.parameters()))
+    reported = clip_gradients(model, max_norm=1.0)
+    assert reported.item() == pytest.approx(expected, rel=1e-6)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert after.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_clipping_zero_leaves_gradients_alone():
+    model = torch.nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    clip_gradients(model, max_norm=0)
+    assert all(torch.equal(p.grad, torch.full_like(p, 10.0)) for p in model.parameters())
+
+
+def test_fp16_grad_norm_is_measured_after_unscaling(make_config):
+    # With the scaler's 65536x scale left in, the fp16 norm would be 65536x the fp32 one.
+    fp32 = make_config("precision=fp32", "dropout=0", "max_steps=1", "warmup_steps=0", "log_every=1", name="fp32")
+    fp16 = make_config("precision=fp16", "dropout=0", "max_steps=1", "warmup_steps=0", "log_every=1", name="fp16")
+    train(fp32)
+    train(fp16)
+    assert train_records(fp16.out_dir)[0]["grad_norm"] == pytest.approx(
+        train_records(fp32.out_dir)[0]["grad_norm"], rel=0.05
+    )
+
+
+# --- 5. schedule ---
+
+
+@pytest.mark.parametrize("schedule", ["warmup_cosine", "onecycle", "step"])
+def test_schedule_at_start_warmup_end_and_end(schedule):
+    cfg = load_config(
+        None,
+        [
+            f"lr_schedule={schedule}",
+            "lr=1.0",
+            "min_lr=0.01",
+            "warmup_steps=10",
+            "max_steps=100",
+            "lr_step_size=30",
+            "lr_gamma=0.5",
+        ],
+    )
+    expected_start = {"warmup_cosine": 1 / 11, "onecycle": 1 / 25, "step": 1 / 11}[schedule]
+    expected_end = {"warmup_cosine": 0.01, "onecycle": 0.01, "step": 0.5**2}[schedule]
+    assert lr_at(0, cfg) == pytest.approx(expected_start)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(expected_end, abs=1e-3)  # the last of 100 steps
+    values = [lr_at(s, cfg) for s in range(101)]
+    assert max(values) == pytest.approx(1.0) and all(v >= 0 for v in values)
+
+
+def test_scheduler_follows_lr_at_once_per_step():
+    cfg = load_config(None, ["lr=0.5", "warmup_steps=5", "max_steps=20"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = build_scheduler(optimizer, cfg)
+    for step in range(20):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(step, cfg))
+        optimizer.step()
+        scheduler.step()
+
+
+def test_training_logs_the_scheduled_lr(make_config):
+    cfg = make_config("precision=fp32", "max_steps=20", "log_every=1")  # fp16 may hold the schedule on a skip
+    train(cfg)
+    assert [r["lr"] for r in train_records(cfg.out_dir)] == pytest.approx([lr_at(s, cfg) for s in range(20)])
+
+
+# --- 6. validation + best checkpoint ---
+
+
+def test_smoke_training_learns(make_config):
+    cfg = make_config()
+    summary = train(cfg)
+    assert summary["metrics"]["val_acc"] >= 0.9
+    assert losses(cfg.out_dir)[-1] < losses(cfg.out_dir)[0] / 5
+
+
+def test_best_checkpoint_is_replaced_only_on_improvement(make_config, monkeypatch):
+    scripted = iter([0.5, 0.3, 0.4, 0.2, 0.6])
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": next(scripted), "val_acc": 0.0})
+    saved = []
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(
+        train_module, "save_checkpoint", lambda s, p: (saved.append((p.name, s["step"])), real_save(s, p))
+    )
+    cfg = make_config("max_steps=10", "eval_every=2", "ckpt_every=100")
+    train(cfg)
+    assert [step for name, step in saved if name == "best.pt"] == [2, 4, 8]
+    best = checkpoint(cfg.out_dir, "best.pt")
+    assert best["step"] == 8 and best["best_metric"] == 0.2
+
+
+def test_best_checkpoint_with_max_mode(make_config, monkeypatch):
+    scripted = iter([0.5, 0.7, 0.6])
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_acc": next(scripted)})
+    cfg = make_config("max_steps=6", "warmup_steps=0", "eval_every=2", "monitor=val_acc", "monitor_mode=max")
+    train(cfg)
+    assert checkpoint(cfg.out_dir, "best.pt")["step"] == 4
+
+
+def test_best_pt_loads_weights_only_and_reproduces_its_metric(make_config):
+    cfg = make_config("max_steps=40", "eval_every=20")
+    summary = train(cfg)
+    best = checkpoint(cfg.out_dir, "best.pt")  # weights_only=True
+    for key in ("model", "optimizer", "scheduler", "scaler", "config", "step", "best_metric"):
+        assert key in best
+    assert best["best_metric"] == summary["best_metric"]
+    assert best["best_metric"] == min(r["val_loss"] for r in eval_records(cfg.out_dir))
+    assert evaluate_checkpoint(f"{cfg.out_dir}/best.pt")["val_loss"] == best["best_metric"]
+
+
+def test_evaluation_restores_train_mode_and_leaves_weights_alone(make_config, monkeypatch):
+    seen = []
+    real_evaluate = train_module.evaluate
+
+    def spy(model, *args):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        result = real_evaluate(model, *args)
+        seen.append((model.training, all(torch.equal(before[k], v) for k, v in model.state_dict().items())))
+        return result
+
+    monkeypatch.setattr(train_module, "evaluate", spy)
+    train(make_config("max_steps=4", "warmup_steps=0", "eval_every=2"))
+    assert seen == [(True, True), (True, True)]

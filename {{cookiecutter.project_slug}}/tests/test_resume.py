@@ -1,0 +1,300 @@
+"""Never lose a run: exact resume, crash-safe checkpoints, preemption, non-finite guards."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
+from {{ cookiecutter.package_name }} import train as train_module
+from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, save_checkpoint
+from {{ cookiecutter.package_name }}.metrics import read_metrics
+from {{ cookiecutter.package_name }}.train import TrainingError, main, train
+
+from .conftest import ROOT, SMOKE, assert_same_weights, checkpoint, train_records
+
+# 1024 samples / batch 32 = 32 micro-batches per epoch = 16 optimizer steps with accum_steps=2.
+RUN = ["max_steps=40", "accum_steps=2", "log_every=5", "eval_every=15", "ckpt_every=10"]
+
+
+def signal_during_step(monkeypatch, step: int, accum_steps: int = 2, signum: int = signal.SIGTERM) -> None:
+    """Send ``signum`` to this process in the middle of optimizer step ``step`` (1-based)."""
+    calls = {"n": 0}
+    real_loss = train_module.compute_loss
+
+    def loss_then_signal(output, target):
+        calls["n"] += 1
+        if calls["n"] == (step - 1) * accum_steps + 1:
+            os.kill(os.getpid(), signum)
+        return real_loss(output, target)
+
+    monkeypatch.setattr(train_module, "compute_loss", loss_then_signal)
+
+
+def assert_same_run(a: str, b: str) -> None:
+    assert read_metrics(Path(a) / "metrics.jsonl") == read_metrics(Path(b) / "metrics.jsonl")
+    for name in ("last.pt", "best.pt"):
+        assert_same_weights(checkpoint(a, name)["model"], checkpoint(b, name)["model"])
+    assert checkpoint(a)["optimizer"]["state"][0]["exp_avg"].equal(checkpoint(b)["optimizer"]["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stop_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch, num_workers):
+    workers = f"num_workers={num_workers}"
+    reference = make_config(*RUN, workers, name="reference")
+    train(reference)
+
+    interrupted = make_config(*RUN, workers, name="interrupted")
+    signal_during_step(monkeypatch, step=23)  # epoch 1, 7 steps in: mid-epoch, between checkpoints
+    summary = train(interrupted)
+    assert summary["step"] == 23 and summary["exit_code"] == 128 + signal.SIGTERM
+    assert checkpoint(interrupted.out_dir)["progress"]["data"] == {"epoch": 1, "batch_in_epoch": 14}
+
+    monkeypatch.undo()
+    resumed = train(make_config(*RUN, workers, "resume=auto", name="interrupted"))
+    assert resumed["step"] == 40 and resumed["exit_code"] == 0
+    assert_same_run(reference.out_dir, interrupted.out_dir)
+
+
+def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config):
+    run = ["max_steps=400", "accum_steps=2", "log_every=10", "eval_every=50", "ckpt_every=30"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+
+    out_dir = Path(reference.out_dir).parent / "killed"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "{{ cookiecutter.package_name }}.train",
+            "--config",
+            str(SMOKE),
+            "device=cpu",
+            f"out_dir={out_dir}",
+            *run,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:  # kill it mid-run, wherever it happens to be, once a last.pt exists
+        if line.startswith("step 70 "):
+            process.kill()
+            break
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    saved_step = checkpoint(out_dir)["step"]
+    assert 60 <= saved_step < 400
+
+    summary = train(make_config(*run, "resume=auto", name="killed"))
+    assert summary["step"] == 400
+    assert_same_run(reference.out_dir, str(out_dir))
+
+
+def test_sigterm_to_a_real_run_saves_last_pt_and_exits_143(tmp_path):
+    out_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "{{ cookiecutter.package_name }}.train",
+            "--config",
+            str(SMOKE),
+            "device=cpu",
+            f"out_dir={out_dir}",
+            "max_steps=5000",
+            "log_every=10",
+            "ckpt_every=1000",
+            "eval_every=1000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:
+        if line.startswith("step 20 "):
+            process.send_signal(signal.SIGTERM)
+            break
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143
+    stopped_at = checkpoint(out_dir)["step"]
+    assert 20 <= stopped_at < 1000  # a last.pt was written at the stop, not at a periodic checkpoint
+    assert f"stopped by signal 15 at step {stopped_at}; last.pt saved" in output
+
+
+def test_second_ctrl_c_exits_at_once(make_config, monkeypatch, capsys):
+    cfg = make_config()
+    calls = {"n": 0}
+    real_loss = train_module.compute_loss
+
+    def loss_with_two_interrupts(output, target):
+        calls["n"] += 1
+        if calls["n"] in (5, 6):  # both inside optimizer step 3 (accum_steps=2)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(output, target)
+
+    monkeypatch.setattr(train_module, "compute_loss", loss_with_two_interrupts)
+    assert main(["--config", str(SMOKE), f"out_dir={cfg.out_dir}", "device=cpu", "accum_steps=2"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (Path(cfg.out_dir) / "last.pt").exists()
+
+
+def test_fresh_start_refuses_an_existing_run_unless_told(make_config, capsys):
+    args = ["--config", str(SMOKE), "device=cpu", "max_steps=3", "warmup_steps=0"]
+    cfg = make_config()
+    assert main([*args, f"out_dir={cfg.out_dir}"]) == 0
+    before = (Path(cfg.out_dir) / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*args, f"out_dir={cfg.out_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "resume=auto" in err and "overwrite=true" in err
+    assert (Path(cfg.out_dir) / "last.pt").read_bytes() == before
+    assert main([*args, f"out_dir={cfg.out_dir}", "overwrite=true", "seed=5"]) == 0
+    assert checkpoint(cfg.out_dir)["config"]["seed"] == 5
+
+
+def test_resume_auto_starts_fresh_when_there_is_nothing(make_config):
+    summary = train(make_config("max_steps=3", "warmup_steps=0", "resume=auto"))
+    assert summary["step"] == 3
+
+
+def test_resume_reports_config_changes_and_allows_a_longer_run(make_config, caplog):
+    train(make_config("max_steps=20"))
+    with caplog.at_level("INFO"):
+        summary = train(make_config("max_steps=30", "eval_every=7", "lr=0.02", "resume=auto"))
+    assert summary["step"] == 30
+    assert "max_steps changed from 20 to 30" in caplog.text
+    assert "lr changed from 0.01 to 0.02  (the resumed run will differ" in caplog.text
+    assert "resume changed" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "is unreadable (truncated or corrupt?)"),
+        (lambda p: p.write_bytes(b"not a checkpoint at all"), "is unreadable (truncated or corrupt?)"),
+        (lambda p: torch.save({"model": {}}, p), "is not a checkpoint of this project"),
+    ],
+)
+def test_a_damaged_checkpoint_is_reported_and_left_alone(make_config, capsys, damage, message):
+    cfg = make_config("max_steps=3", "warmup_steps=0")
+    train(cfg)
+    last = Path(cfg.out_dir) / "last.pt"
+    damage(last)
+    damaged = last.read_bytes()
+    metrics = (Path(cfg.out_dir) / "metrics.jsonl").read_bytes()
+    assert main(["--config", str(SMOKE), f"out_dir={cfg.out_dir}", "device=cpu", "resume=auto"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {last}") or err.startswith(f"error: {last}")
+    assert message in err and err.count("\n") == 1
+    assert last.read_bytes() == damaged and (Path(cfg.out_dir) / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_checkpoint_of_another_model_shape_is_reported(make_config, capsys):
+    cfg = make_config("max_steps=3", "warmup_steps=0")
+    train(cfg)
+    last = Path(cfg.out_dir) / "last.pt"
+    before = last.read_bytes()
+    args = ["--config", str(SMOKE), f"out_dir={cfg.out_dir}", "device=cpu", "resume=auto", "hidden_dim=32"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint {last} does not fit the model" in err and "(64, 16) in the file but (32, 16)" in err
+    assert last.read_bytes() == before
+
+
+def test_a_crash_inside_a_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+    before = path.read_bytes()
+
+    def write_half_then_fail(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", write_half_then_fail)
+    with pytest.raises(CheckpointError, match="could not save .*last.pt: No space left on device"):
+        save_checkpoint({"step": 2}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_a_failed_save_during_training_stops_with_a_clear_error(make_config, monkeypatch, capsys):
+    cfg = make_config("max_steps=30", "ckpt_every=10", "eval_every=100")
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def replace_fails_second_time(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", replace_fails_second_time)
+    code = main(
+        [
+            "--config",
+            str(SMOKE),
+            f"out_dir={cfg.out_dir}",
+            "device=cpu",
+            "max_steps=30",
+            "ckpt_every=10",
+            "eval_every=100",
+        ]
+    )
+    assert code == 1
+    assert "could not save" in capsys.readouterr().err
+    assert checkpoint(cfg.out_dir)["step"] == 10  # the previous last.pt, intact
+    assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl"]
+
+
+def nan_loss_on(monkeypatch, steps: set[int] | None = None, from_step: int | None = None) -> None:
+    calls = {"n": 0}
+    real_loss = train_module.compute_loss
+
+    def loss(output, target):
+        calls["n"] += 1
+        value = real_loss(output, target)
+        bad = (steps and calls["n"] in steps) or (from_step is not None and calls["n"] >= from_step)
+        return value * float("nan") if bad else value
+
+    monkeypatch.setattr(train_module, "compute_loss", loss)
+
+
+def test_a_non_finite_step_is_skipped_and_logged(make_config, monkeypatch, caplog):
+    nan_loss_on(monkeypatch, steps={7})
+    cfg = make_config("max_steps=20", "log_every=5")
+    with caplog.at_level("WARNING"):
+        summary = train(cfg)
+    assert summary["step"] == 20
+    assert "non-finite values: [7]" in caplog.text
+    assert train_records(cfg.out_dir)[1]["skipped"] >= 1  # the record of steps 6-10
+    skipped = sum(r["skipped"] for r in train_records(cfg.out_dir))
+    assert checkpoint(cfg.out_dir)["optimizer"]["state"][0]["step"] == 20 - skipped  # the skip moved nothing
+
+
+def test_repeated_non_finite_steps_stop_training_and_keep_the_checkpoints(make_config, monkeypatch, capsys):
+    saved = []
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(
+        train_module, "save_checkpoint", lambda s, p: (saved.append((p.name, s["step"])), real_save(s, p))
+    )
+    nan_loss_on(monkeypatch, from_step=13)
+    cfg = make_config("max_steps=40", "log_every=1", "ckpt_every=2", "eval_every=2", "max_bad_steps=3")
+    with pytest.raises(
+        TrainingError, match=r"3 consecutive steps with a non-finite loss or gradient \(last at step 15\)"
+    ):
+        train(cfg)
+    assert max(step for _, step in saved) == 12
+    assert checkpoint(cfg.out_dir)["step"] == 12
+    assert checkpoint(cfg.out_dir, "best.pt")["step"] <= 12
