@@ -16,6 +16,14 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+if sys.version_info < (3, 10):  # noqa: UP036 (this hook runs on whatever Python cookiecutter uses)
+    fail(f"the generated project needs Python >= 3.10; this is {sys.version.split()[0]}")
+try:
+    from cookiecutter import __version__ as cookiecutter_version
+except ImportError:  # run by a tool that embeds cookiecutter differently: nothing to check
+    cookiecutter_version = "2.7"
+if tuple(int(part) for part in cookiecutter_version.split(".")[:2]) < (2, 7):
+    fail(f"cookiecutter >= 2.7 is needed (real booleans on the command line); this is {cookiecutter_version}")
 if not package_name.isidentifier() or not package_name.isascii():
     fail(f"package_name '{package_name}' is not a valid Python identifier (use letters, digits and underscores)")
 if keyword.iskeyword(package_name):

@@ -63,29 +63,24 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch, n
     assert_same_run(reference.out_dir, interrupted.out_dir)
 
 
-def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config):
-    run = ["max_steps=400", "accum_steps=2", "log_every=10", "eval_every=50", "ckpt_every=30"]
+def start_training(out_dir: Path, *overrides: str, new_session: bool = False) -> subprocess.Popen:
+    """A real training process, its log lines readable as they come."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "{{ cookiecutter.package_name }}.train", "--config", str(SMOKE), "device=cpu",
+         f"out_dir={out_dir}", *overrides],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=new_session,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config, num_workers):
+    run = ["max_steps=400", "accum_steps=2", "log_every=10", "eval_every=50", "ckpt_every=30", f"num_workers={num_workers}"]
     reference = make_config(*run, name="reference")
     train(reference)
 
     out_dir = Path(reference.out_dir).parent / "killed"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "{{ cookiecutter.package_name }}.train",
-            "--config",
-            str(SMOKE),
-            "device=cpu",
-            f"out_dir={out_dir}",
-            *run,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    process = start_training(out_dir, *run)
     for line in process.stdout:  # kill it mid-run, wherever it happens to be, once a last.pt exists
         if line.startswith("step 70 "):
             process.kill()
@@ -100,34 +95,24 @@ def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config):
     assert_same_run(reference.out_dir, str(out_dir))
 
 
-def test_sigterm_to_a_real_run_saves_last_pt_and_exits_143(tmp_path):
+@pytest.mark.parametrize(
+    ("num_workers", "whole_group"),
+    [(0, False), (2, True)],
+    ids=["to-the-process", "to-the-process-group-with-workers"],  # the latter is what SLURM and Ctrl-C do
+)
+def test_sigterm_to_a_real_run_saves_last_pt_and_exits_143(tmp_path, num_workers, whole_group):
     out_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "{{ cookiecutter.package_name }}.train",
-            "--config",
-            str(SMOKE),
-            "device=cpu",
-            f"out_dir={out_dir}",
-            "max_steps=5000",
-            "log_every=10",
-            "ckpt_every=1000",
-            "eval_every=1000",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    overrides = ["max_steps=5000", "log_every=10", "ckpt_every=1000", "eval_every=1000", f"num_workers={num_workers}"]
+    process = start_training(out_dir, *overrides, new_session=whole_group)
     for line in process.stdout:
         if line.startswith("step 20 "):
-            process.send_signal(signal.SIGTERM)
+            if whole_group:
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                process.send_signal(signal.SIGTERM)
             break
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 143
+    assert process.returncode == 143, output
     stopped_at = checkpoint(out_dir)["step"]
     assert 20 <= stopped_at < 1000  # a last.pt was written at the stop, not at a periodic checkpoint
     assert f"stopped by signal 15 at step {stopped_at}; last.pt saved" in output

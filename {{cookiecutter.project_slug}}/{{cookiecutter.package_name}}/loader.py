@@ -8,6 +8,7 @@ the same sampler gives each process its own shard.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import Config, ConfigError
 from .seed import seed_worker
+
+
+def init_worker(worker_id: int) -> None:
+    # Schedulers (SLURM, Kubernetes) and Ctrl-C signal every process of the job. Only the
+    # main process acts on them (it saves last.pt, then shuts the workers down); a worker
+    # dying of the signal first would crash the run before it could save.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seed_worker(worker_id)
 
 
 class ResumableSampler(DistributedSampler):
@@ -94,7 +104,7 @@ def build_loaders(
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
-        worker_init_fn=seed_worker if cfg.num_workers > 0 else None,
+        worker_init_fn=init_worker if cfg.num_workers > 0 else None,
     )
     train_loader = DataLoader(
         train_set,
