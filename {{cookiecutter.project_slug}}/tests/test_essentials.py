@@ -74,17 +74,31 @@ def test_clipping_bounds_the_norm_and_reports_the_norm_before_it():
     for p in model.parameters():
         p.grad = torch.full_like(p, 10.0)
     expected = math.sqrt(100.0 * sum(p.numel() for p in model.parameters()))
-    reported = clip_gradients(model, max_norm=1.0)
+    reported = clip_gradients(list(model.parameters()), max_norm=1.0)
     assert reported.item() == pytest.approx(expected, rel=1e-6)
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert after.item() == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1.0, 1e6])
+def test_clipping_matches_torch_clip_grad_norm(max_norm):
+    torch.manual_seed(0)
+    ours, reference = torch.nn.Linear(8, 5), torch.nn.Linear(8, 5)
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        a.grad = torch.randn_like(a) * 3
+        b.grad = a.grad.clone()
+    norm = clip_gradients(list(ours.parameters()), max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+    torch.testing.assert_close(norm, expected)
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_clipping_zero_leaves_gradients_alone():
     model = torch.nn.Linear(4, 3)
     for p in model.parameters():
         p.grad = torch.full_like(p, 10.0)
-    clip_gradients(model, max_norm=0)
+    clip_gradients(list(model.parameters()), max_norm=0)
     assert all(torch.equal(p.grad, torch.full_like(p, 10.0)) for p in model.parameters())
 
 

@@ -55,7 +55,7 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch, n
     signal_during_step(monkeypatch, step=23)  # epoch 1, 7 steps in: mid-epoch, between checkpoints
     summary = train(interrupted)
     assert summary["step"] == 23 and summary["exit_code"] == 128 + signal.SIGTERM
-    assert checkpoint(interrupted.out_dir)["progress"]["data"] == {"epoch": 1, "batch_in_epoch": 14}
+    assert checkpoint(interrupted.out_dir)["progress"]["data"] == {"epoch": 1, "samples_in_epoch": 14 * 32}
 
     monkeypatch.undo()
     resumed = train(make_config(*RUN, workers, "resume=auto", name="interrupted"))
@@ -75,7 +75,14 @@ def start_training(out_dir: Path, *overrides: str, new_session: bool = False) ->
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config, num_workers):
-    run = ["max_steps=400", "accum_steps=2", "log_every=10", "eval_every=50", "ckpt_every=30", f"num_workers={num_workers}"]
+    run = [
+        "max_steps=400",
+        "accum_steps=2",
+        "log_every=10",
+        "eval_every=50",
+        "ckpt_every=30",
+        f"num_workers={num_workers}",
+    ]
     reference = make_config(*run, name="reference")
     train(reference)
 

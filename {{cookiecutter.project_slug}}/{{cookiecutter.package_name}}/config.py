@@ -70,6 +70,9 @@ class Config:
     monitor_mode: str = "min"  # min: lower is better; max: higher is better
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
 
+    # --- several processes (torchrun) ---
+    dist_timeout_minutes: float = 10.0  # a collective waiting longer (a rank died or hangs) fails the run
+
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
 
@@ -207,6 +210,7 @@ def validate(cfg: Config) -> None:
         require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("num_classes", "input_dim", "hidden_dim", "train_size", "val_size"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    require(cfg.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
     require(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
 
 

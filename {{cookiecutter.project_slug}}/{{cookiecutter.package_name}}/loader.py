@@ -58,16 +58,16 @@ class ShardSampler(torch.utils.data.Sampler):
 class BatchStream:
     """An endless stream of training batches that knows its (epoch, batch) position."""
 
-    def __init__(self, loader: DataLoader, sampler: ResumableSampler, seed: int):
-        self.loader, self.sampler, self.seed = loader, sampler, seed
+    def __init__(self, loader: DataLoader, sampler: ResumableSampler, seed: int, rank: int = 0):
+        self.loader, self.sampler, self.seed, self.rank = loader, sampler, seed, rank
         self.epoch, self.batch_in_epoch = 0, 0
         self._iterator: Iterator | None = None
 
     def _open_epoch(self) -> None:
         self.sampler.set_epoch(self.epoch)
         self.sampler.start = self.batch_in_epoch * self.loader.batch_size
-        # Worker seeds come from this generator: re-seed it per epoch so they do not depend on history.
-        self.loader.generator.manual_seed(self.seed * 100_003 + self.epoch)
+        # Worker seeds come from this generator: re-seed it per (rank, epoch) so they do not depend on history.
+        self.loader.generator.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.epoch)
         self._iterator = iter(self.loader)
 
     def __next__(self) -> Any:
@@ -82,11 +82,15 @@ class BatchStream:
         self.batch_in_epoch += 1
         return batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+    def state_dict(self, global_batch: int) -> dict[str, int]:
+        # Samples consumed this epoch by all processes together: every rank has taken the
+        # same number of batches, and together they cover a prefix of the epoch's order.
+        return {"epoch": self.epoch, "samples_in_epoch": self.batch_in_epoch * global_batch}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+    def load_state_dict(self, state: dict[str, int], global_batch: int) -> None:
+        """Continue at the saved position; with another world size, at the nearest batch boundary at or past it."""
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = -(-int(state["samples_in_epoch"]) // global_batch)  # ceil: never replay a sample
         self._iterator = None
 
 
@@ -120,4 +124,4 @@ def build_loaders(
     val_loader = DataLoader(
         val_set, batch_size=cfg.batch_size, sampler=val_sampler, generator=torch.Generator(), **common
     )
-    return BatchStream(train_loader, sampler, cfg.seed), val_loader
+    return BatchStream(train_loader, sampler, cfg.seed, rank), val_loader

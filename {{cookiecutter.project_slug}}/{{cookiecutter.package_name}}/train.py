@@ -14,8 +14,10 @@ Exit status: 0 done; 1 training failed (non-finite steps, a failed save);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint, unwrap
 from .config import Config, ConfigError, differences, dump_yaml, load_config, to_dict
 from .data import build_datasets
@@ -31,7 +34,7 @@ from .evaluate import evaluate
 from .loader import build_loaders
 from .metrics import MetricsLog
 from .model import build_model
-from .precision import resolve_device, resolve_precision
+from .precision import resolve_precision
 from .schedule import build_scheduler
 from .seed import rng_state, seed_everything, set_rng_state
 from .signals import StopRequest
@@ -44,7 +47,8 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 # Changing these on resume is harmless; any other difference is reported as one
 # that makes the resumed run differ from an uninterrupted one.
 SAFE_ON_RESUME = set(
-    "max_steps eval_every log_every ckpt_every out_dir num_workers num_threads device max_bad_steps".split()
+    "max_steps eval_every log_every ckpt_every out_dir num_workers num_threads device max_bad_steps"
+    " dist_timeout_minutes".split()
 )
 
 
@@ -66,12 +70,16 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None, foreach=None if fused else True)
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Essential 4: clip the total gradient norm to ``max_norm`` (0 = off); return the norm before clipping."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Essential 4: clip the total gradient norm to ``max_norm`` (0 = off); return the norm before clipping.
+
+    The same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (a test checks it), in two
+    multi-tensor kernels without its per-call grouping work: half its cost on small models.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm
 
 
@@ -133,26 +141,40 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train as ``cfg`` says; return a summary. Raises ConfigError, CheckpointError or TrainingError."""
+    ctx, device = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
+    try:
+        summary = _train(cfg, ctx, device)
+    except BaseException:
+        distributed.cleanup(ctx, wait_for_others=False)
+        raise
+    distributed.cleanup(ctx)
+    return summary
+
+
+def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, Any]:
     started = time.perf_counter()
     # --- set-up: everything is checked before any file is written ---
     seed_everything(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     resume_from = resume_checkpoint_path(cfg)
     check_out_dir(cfg, resume_from)
     checkpoint = load_checkpoint(resume_from) if resume_from else None
 
     train_set, val_set = build_datasets(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg)  # the same initial weights on every rank: same seed
     if checkpoint is not None:
         load_model_state(model, checkpoint["model"], resume_from)
     model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
     scaler = precision.make_scaler()
-    batches, val_loader = build_loaders(cfg, train_set, val_set, device)
+    batches, val_loader = build_loaders(cfg, train_set, val_set, device, ctx.rank, ctx.world_size)
+    if ctx.enabled:
+        seed_everything(cfg.seed + ctx.rank)  # each rank its own dropout/augmentation stream
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     step, best_metric, best_step, last_metrics = 0, None, None, {}
     # Per-step values (loss, grad norm, skipped, bad) stay on the device until a log, eval
@@ -168,62 +190,79 @@ def train(cfg: Config) -> dict[str, Any]:
             if scaler is not None and checkpoint["scaler"]:
                 scaler.load_state_dict(checkpoint["scaler"])
             progress = checkpoint["progress"]
-            batches.load_state_dict(progress["data"])
+            batches.load_state_dict(progress["data"], cfg.batch_size * ctx.world_size)
+            rng = checkpoint["rng"]
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {resume_from} does not fit this run: {e}") from None
         step, best_metric, best_step = checkpoint["step"], checkpoint["best_metric"], progress["best_step"]
         last_metrics = checkpoint.get("metrics") or {}
         bad_streak, skipped_total = progress["bad_streak"], progress["skipped_total"]
         on_host = progress["unlogged_steps"]
-        set_rng_state(checkpoint["rng"])
+        if len(rng) == ctx.world_size:
+            set_rng_state(rng[ctx.rank])
+        else:  # another world size: fresh streams, still a function of the seed
+            log.warning("resume: saved by %d process(es), now %d; random streams restart", len(rng), ctx.world_size)
+            seed_everything(cfg.seed + ctx.rank + 1_000_003 * step)
 
-    # --- the run's folder ---
+    # --- the run's folder (rank 0 writes; the others only read what it wrote) ---
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:
-        for name in RUN_FILES:  # only reached with overwrite=true, or an empty folder
-            (out_dir / name).unlink(missing_ok=True)
-    (out_dir / "config.yaml").write_text(dump_yaml(cfg))
     metrics_log = MetricsLog(out_dir / "metrics.jsonl")
-    if checkpoint is not None:
-        metrics_log.truncate_after(step)
-        log.info("resumed from %s at step %d", resume_from, step)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            for name in RUN_FILES:  # only reached with overwrite=true, or an empty folder
+                (out_dir / name).unlink(missing_ok=True)
+        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if checkpoint is not None:
+            metrics_log.truncate_after(step)
+            log.info("resumed from %s at step %d", resume_from, step)
+    ctx.barrier()
     log.info(
-        "training on %s, precision %s, %s parameters, %d samples per optimizer step",
-        device,
-        precision.name,
-        f"{sum(p.numel() for p in model.parameters()):,}",
-        cfg.batch_size * cfg.accum_steps,
-    )
+        "training on %s x %d process(es), precision %s, %s parameters, global batch %d (%d x %d accum x %d)",
+        device.type, ctx.world_size, precision.name, f"{sum(p.numel() for p in params):,}",
+        cfg.batch_size * cfg.accum_steps * ctx.world_size, cfg.batch_size, cfg.accum_steps, ctx.world_size,
+    )  # fmt: skip
 
     def save(name: str) -> None:
         # Everything needed to continue exactly: tensors, numbers, strings, lists and dicts only.
-        state = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "config": to_dict(cfg),
-            "step": step,
-            "best_metric": best_metric,
-            "metrics": last_metrics,
-            "progress": {
-                "data": batches.state_dict(),
-                "best_step": best_step,
-                "bad_streak": bad_streak,
-                "skipped_total": skipped_total,
-                "unlogged_steps": on_host,
-            },
-            "rng": rng_state(),
-        }
-        save_checkpoint(state, out_dir / name)
+        rng = ctx.gather(rng_state())  # every rank's streams; a collective, so every rank calls save
+        error = None
+        if ctx.is_main:
+            state = {
+                "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "config": to_dict(cfg),
+                "step": step,
+                "best_metric": best_metric,
+                "metrics": last_metrics,
+                "progress": {
+                    "data": batches.state_dict(cfg.batch_size * ctx.world_size),
+                    "best_step": best_step,
+                    "bad_streak": bad_streak,
+                    "skipped_total": skipped_total,
+                    "unlogged_steps": on_host,
+                },
+                "rng": rng,
+            }
+            try:
+                save_checkpoint(state, out_dir / name)
+            except CheckpointError as e:
+                error = e
+        if ctx.agree_max(error is not None):  # every rank stops when rank 0 could not save
+            raise error or CheckpointError(f"rank 0 could not save {out_dir / name}")
 
     def read_pending() -> None:
         """Move the per-step values from the device to the host: one sync, at log/eval/save steps only."""
         nonlocal bad_streak, skipped_total
         if not on_device["loss"]:
             return
-        rows = torch.stack([torch.stack(on_device[k]).float() for k in SERIES]).T.tolist()
+        rows = torch.stack([torch.stack(on_device[k]).float() for k in SERIES]).T
+        if ctx.enabled:  # the mean over ranks (grad norms and flags are the same on every rank)
+            torch.distributed.all_reduce(rows)
+            rows /= ctx.world_size
+        rows = rows.tolist()
         first_step = step - len(rows) + 1
         for values in on_device.values():
             values.clear()
@@ -249,37 +288,46 @@ def train(cfg: Config) -> dict[str, Any]:
             record["loss"] = sum(row[1] for row in kept) / len(kept)
             record["grad_norm"] = sum(row[2] for row in kept) / len(kept)
         on_host.clear()
-        metrics_log.write(record)
+        if ctx.is_main:
+            metrics_log.write(record)
         log.info(
             "step %d  loss %.4f  lr %.3g  grad_norm %.3g",
-            step,
-            record.get("loss", math.nan),
-            lr_used,
-            record.get("grad_norm", math.nan),
-        )
+            step, record.get("loss", math.nan), lr_used, record.get("grad_norm", math.nan),
+        )  # fmt: skip
 
     # --- the loop: one iteration = one optimizer step over accum_steps micro-batches ---
     fp16_scale = scaler.get_scale() if scaler is not None else None
     lr_used = optimizer.param_groups[0]["lr"]
+    # Under DDP, gradients are all-reduced in the backward of the last micro-batch only.
+    no_sync = model.no_sync if ctx.enabled else contextlib.nullcontext
+    last_micro = cfg.accum_steps - 1
+    stopped_by = 0
+    outside_steps = 0.0  # seconds spent evaluating and saving, reported apart from training throughput
     model.train()
     with StopRequest() as stop:
+        loop_started = time.perf_counter()
         while step < cfg.max_steps:
-            step_loss = torch.zeros((), device=device)
-            for _ in range(cfg.accum_steps):
+            step_loss = None
+            for micro in range(cfg.accum_steps):
                 inputs, targets = next(batches)
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
-                with precision.autocast():
-                    loss = compute_loss(model(inputs), targets)
-                # Mean loss / accum_steps: the summed gradients equal one batch of batch_size * accum_steps.
-                scaled = loss / cfg.accum_steps
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                step_loss += scaled.detach().float()
+                with no_sync() if micro < last_micro else contextlib.nullcontext():
+                    with precision.autocast():
+                        loss = compute_loss(model(inputs), targets)
+                    if cfg.accum_steps > 1:
+                        # Mean loss / accum_steps: the summed gradients equal one batch of batch_size * accum_steps.
+                        loss = loss / cfg.accum_steps
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
 
             if scaler is not None:
                 scaler.unscale_(optimizer)  # once per step, before clipping sees the gradients
-            grad_norm = clip_gradients(model, cfg.clip_grad_norm)
-            loss_bad = ~torch.isfinite(step_loss)
+            grad_norm = clip_gradients(params, cfg.clip_grad_norm)
+            # Non-finite loss or gradient norm: one flag, on the device (the sum is non-finite if either is).
+            bad = torch.isfinite(step_loss + grad_norm).logical_not_().float()
+            if ctx.enabled:
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # skip together
             lr_used = optimizer.param_groups[0]["lr"]
             if scaler is not None:
                 # fp16: the scaler skips steps whose gradients overflowed; that is its normal
@@ -292,9 +340,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 if new_scale >= fp16_scale:
                     scheduler.step()
                 fp16_scale = new_scale
-                bad = loss_bad.float()
+                bad = torch.isfinite(step_loss).logical_not_().float()
             else:
-                bad = (loss_bad | ~torch.isfinite(grad_norm)).float()
                 skipped = bad
                 optimizer_step(optimizer, bad)
                 scheduler.step()  # also after a skipped step: the skip is rare and stops the run if repeated
@@ -304,13 +351,17 @@ def train(cfg: Config) -> dict[str, Any]:
                 on_device[name].append(value)
 
             # --- logging, validation, checkpoints (each reads from the device; the steps between do not) ---
+            stopped_by = ctx.agree_max(stop.signum or 0)  # a signal to any rank stops every rank
             final = step == cfg.max_steps
             do_eval = step % cfg.eval_every == 0 or final
-            do_ckpt = step % cfg.ckpt_every == 0 or final or stop.requested
-            if step % cfg.log_every == 0 or do_eval or do_ckpt:
-                read_pending()
-            if step % cfg.log_every == 0 or final:
+            do_ckpt = step % cfg.ckpt_every == 0 or final or stopped_by
+            do_log = step % cfg.log_every == 0 or final
+            if not (do_log or do_eval or do_ckpt):
+                continue
+            read_pending()
+            if do_log:
                 write_train_record()
+            outside_started = time.perf_counter()
             if do_eval:
                 last_metrics = evaluate(model, val_loader, device, precision)
                 if cfg.monitor not in last_metrics:
@@ -319,30 +370,31 @@ def train(cfg: Config) -> dict[str, Any]:
                     )
                 value = last_metrics[cfg.monitor]
                 new_best = is_better(value, best_metric, cfg.monitor_mode)
-                metrics_log.write({"step": step, **last_metrics})
+                if ctx.is_main:
+                    metrics_log.write({"step": step, **last_metrics})
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in last_metrics.items())
                 log.info("eval step %d  %s%s", step, shown, "  (new best)" if new_best else "")
                 if new_best and bad_streak == 0:
                     best_metric, best_step = value, step
                     save("best.pt")
-            if do_ckpt and (bad_streak == 0 or stop.requested):
+            if do_ckpt and (bad_streak == 0 or stopped_by):
                 save("last.pt")
-            if stop.requested:
-                log.warning(
-                    "stopped by signal %d at step %d; last.pt saved, resume with resume=auto", stop.signum, step
-                )
+            outside_steps += time.perf_counter() - outside_started
+            if stopped_by:
+                log.warning("stopped by signal %d at step %d; last.pt saved, resume with resume=auto", stopped_by, step)
                 break
+        train_seconds = time.perf_counter() - loop_started - outside_steps
 
-    seconds = time.perf_counter() - started
     return {
         "step": step,
-        "seconds": seconds,
+        "seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
         "best_metric": best_metric,
         "best_step": best_step,
         "metrics": last_metrics,
         "skipped_steps": skipped_total,
-        "stopped_by_signal": stop.signum,
-        "exit_code": stop.exit_code if stop.requested else 0,
+        "stopped_by_signal": stopped_by or None,
+        "exit_code": 128 + stopped_by if stopped_by else 0,
         "out_dir": str(out_dir),
         "monitor": cfg.monitor,
     }
@@ -356,14 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override one config field")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    rank = int(os.environ.get("RANK", "0"))
+    # Under torchrun only rank 0 talks; the others report errors only.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s", stream=sys.stdout)
     try:
         summary = train(load_config(args.config, args.overrides))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:  # every rank has the same config: one message is enough
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; nothing saved since the last checkpoint", file=sys.stderr)
@@ -371,13 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     best = summary["best_metric"]
     log.info(
         "done: %d steps in %.1fs; best %s %s at step %s; files in %s",
-        summary["step"],
-        summary["seconds"],
-        summary["monitor"],
-        f"{best:.4f}" if best is not None else "n/a",
-        summary["best_step"],
-        summary["out_dir"],
-    )
+        summary["step"], summary["seconds"], summary["monitor"],
+        f"{best:.4f}" if best is not None else "n/a", summary["best_step"], summary["out_dir"],
+    )  # fmt: skip
     return summary["exit_code"]
 
 

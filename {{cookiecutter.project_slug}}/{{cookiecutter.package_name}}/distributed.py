@@ -1,0 +1,98 @@
+"""Data-parallel training under torchrun: the same loop and config on one process or many.
+
+    torchrun --standalone --nproc_per_node=N -m {{ cookiecutter.package_name }}.train --config ...
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; with WORLD_SIZE > 1 each
+process takes one device (cuda:LOCAL_RANK on GPUs, with NCCL; the CPU with
+gloo) and the model is wrapped in DistributedDataParallel. A plain
+``python -m`` run (or a world of one) sets nothing up and behaves as before.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+from .precision import resolve_device
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    # A gloo group for host-side agreement (stop requests, save results), so that
+    # deciding them never waits on the GPU stream.
+    control: Any = field(default=None, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def agree_max(self, value: int) -> int:
+        """The largest ``value`` over all ranks (a host-side collective; identity when alone)."""
+        if not self.enabled:
+            return value
+        flag = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        return int(flag.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier(group=self.control)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        objects: list[Any] = [None] * self.world_size
+        dist.all_gather_object(objects, obj, group=self.control)
+        return objects
+
+
+def setup(device_name: str, timeout_minutes: float) -> tuple[Dist, torch.device]:
+    """Join the process group when launched by torchrun with several processes; pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist(), resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device_name.startswith("cuda:"):
+        raise ConfigError(
+            f"device '{device_name}' names one GPU, but under torchrun each process takes cuda:LOCAL_RANK; "
+            "use device=cuda or auto (and CUDA_VISIBLE_DEVICES to choose GPUs)"
+        )
+    if device_name == "mps":
+        raise ConfigError("device 'mps' has no multi-process backend; run without torchrun")
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                "lower --nproc_per_node"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type == "mps":
+        device = torch.device("cpu")  # device=auto on a Mac: several processes share the CPU
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    return Dist(rank, local_rank, world_size, control), device
+
+
+def cleanup(ctx: Dist, wait_for_others: bool = True) -> None:
+    if ctx.enabled and dist.is_initialized():
+        if wait_for_others:  # leave together: gloo can abort at exit when a peer is already gone
+            dist.barrier(group=ctx.control)
+        dist.destroy_process_group()
