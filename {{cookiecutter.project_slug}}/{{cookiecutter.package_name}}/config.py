@@ -33,6 +33,8 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     precision: str = "{{ cookiecutter.precision }}"  # auto, bf16, fp16, fp32
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    compile: bool = False  # torch.compile the model (checkpoints keep the plain weights)
+    tf32: bool = True  # TF32 matmuls on GPUs that have them (Ampere+): fp32 speed x several, 10-bit mantissa
     resume: str = ""  # "" starts fresh, "auto" continues from out_dir/last.pt if present, or a path
     overwrite: bool = False  # allow a fresh start in an out_dir that already holds a run
 

@@ -39,6 +39,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def allow_tf32(device: torch.device, enabled: bool) -> None:
+    """Let fp32 matmuls use TF32 tensor cores on CUDA GPUs that have them (no effect elsewhere)."""
+    if device.type == "cuda" and enabled:
+        torch.set_float32_matmul_precision("high")
+
+
 @dataclass(frozen=True)
 class Precision:
     name: str  # bf16, fp16 or fp32: what is actually used

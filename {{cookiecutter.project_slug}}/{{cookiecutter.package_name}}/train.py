@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from .evaluate import evaluate
 from .loader import build_loaders
 from .metrics import MetricsLog
 from .model import build_model
-from .precision import resolve_precision
+from .precision import allow_tf32, resolve_precision
 from .schedule import build_scheduler
 from .seed import rng_state, seed_everything, set_rng_state
 from .signals import StopRequest
@@ -81,6 +82,21 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm
+
+
+def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile where this platform can; otherwise say why and train uncompiled."""
+    import torch._dynamo  # already loaded by torch.optim; named here for is_dynamo_supported
+
+    reason = None
+    if not torch._dynamo.is_dynamo_supported():
+        reason = f"torch.compile does not support Python {sys.version.split()[0]} on {sys.platform} yet"
+    elif device.type == "cpu" and not any(shutil.which(cc) for cc in (os.environ.get("CXX"), "g++", "clang++") if cc):
+        reason = "compiling for the CPU needs a C++ compiler (install g++ or clang++, or set CXX)"
+    if reason:
+        log.warning("compile=true skipped: %s; training uncompiled", reason)
+        return model
+    return torch.compile(model)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
@@ -158,6 +174,7 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     precision = resolve_precision(cfg.precision, device)
+    allow_tf32(device, cfg.tf32)
     resume_from = resume_checkpoint_path(cfg)
     check_out_dir(cfg, resume_from)
     checkpoint = load_checkpoint(resume_from) if resume_from else None
@@ -175,6 +192,8 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
     if ctx.enabled:
         seed_everything(cfg.seed + ctx.rank)  # each rank its own dropout/augmentation stream
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = compile_model(model, device)
 
     step, best_metric, best_step, last_metrics = 0, None, None, {}
     # Per-step values (loss, grad norm, skipped, bad) stay on the device until a log, eval
