@@ -23,12 +23,17 @@ if LICENSE == "none":
 
 def smoke_test() -> int:
     started = time.perf_counter()
-    try:
-        import torch  # noqa: F401  (the slow part of start-up; timed as part of the hook)
-    except ImportError:
+    missing = []
+    for module, package in (("torch", "torch"), ("yaml", "pyyaml"), ("tqdm", "tqdm")):
+        try:
+            importlib.import_module(module)  # torch first: the slow part of start-up, timed with the rest
+        except ImportError:
+            missing.append(package)
+    if missing:
         print(
-            "smoke training skipped: PyTorch is not installed. Install it (https://pytorch.org/get-started/locally/),\n"
-            f"then run: python -m {PACKAGE}.train --config configs/smoke.yaml"
+            f"smoke training skipped: {', '.join(missing)} not installed. Install PyTorch "
+            "(https://pytorch.org/get-started/locally/), then in the project: pip install -e .\n"
+            f"and run: python -m {PACKAGE}.train --config configs/smoke.yaml"
         )
         return 0
     sys.dont_write_bytecode = True  # leave no __pycache__ in the new project

@@ -200,13 +200,13 @@ def test_post_gen_hook_without_torch_explains_and_keeps_the_project(tmp_path, us
     monkeypatch.setenv("PYTHONPATH", str(fake))
     project = bake(tmp_path / "out", user_config)
     out = capfd.readouterr().out
-    assert "smoke training skipped: PyTorch is not installed" in out
+    assert "smoke training skipped: torch not installed" in out
     assert "configs/smoke.yaml" in out
     assert (project / "pyproject.toml").exists()
 
 
 def test_template_sources_pass_ruff():
-    # The hooks and these tests; the project template itself is linted after baking, above.
+    # The hooks, these tests and the benchmark; the project template itself is linted after baking, above.
     ruff = [sys.executable, "-m", "ruff"]
-    subprocess.run([*ruff, "check", "--no-cache", "hooks", "tests"], cwd=TEMPLATE, check=True)
-    subprocess.run([*ruff, "format", "--no-cache", "--check", "hooks", "tests"], cwd=TEMPLATE, check=True)
+    subprocess.run([*ruff, "check", "--no-cache", "hooks", "tests", "benchmarks"], cwd=TEMPLATE, check=True)
+    subprocess.run([*ruff, "format", "--no-cache", "--check", "hooks", "tests", "benchmarks"], cwd=TEMPLATE, check=True)

@@ -41,7 +41,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(make_config, tmp_p
     process = torchrun(out_dir, *common, "batch_size=16")
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
-    assert "global batch 64 (16 x 2 accum x 2)" in output
+    assert "batch:      64 samples per optimizer step = 16 x 2 accum x 2 process(es)" in output
 
     reference = make_config(*common, "batch_size=32", name="single")
     train(reference)
@@ -75,7 +75,7 @@ def test_sigterm_to_one_rank_stops_every_rank_and_resumes_in_one_process(make_co
     process = torchrun(out_dir, "max_steps=5000", "log_every=10", "ckpt_every=1000", "eval_every=1000",
                        "accum_steps=2", "batch_size=16")  # fmt: skip
     for line in process.stdout:
-        if line.startswith("step 20 "):
+        if line.startswith("step 20/"):
             os.kill(int((out_dir / "probe-rank1.pid").read_text()), signal.SIGTERM)  # rank 1 only
             break
     output, _ = process.communicate(timeout=300)

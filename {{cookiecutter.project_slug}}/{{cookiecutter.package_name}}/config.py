@@ -71,6 +71,8 @@ class Config:
     monitor: str = "val_loss"  # metric that decides best.pt
     monitor_mode: str = "min"  # min: lower is better; max: higher is better
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
+    progress: bool = True  # a progress bar when stdout is a terminal (plain log lines otherwise)
+    tensorboard: bool = False  # also write scalars to out_dir/tensorboard (pip install -e '.[tensorboard]')
 
     # --- several processes (torchrun) ---
     dist_timeout_minutes: float = 10.0  # a collective waiting longer (a rank died or hangs) fails the run

@@ -33,19 +33,23 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     """Mean of each metric over the whole validation set (sums / samples, read once at the end)."""
     was_training = model.training
     model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros((), dtype=torch.float64, device=device)
+    per_batch: dict[str, list[torch.Tensor]] = {}
+    count = 0
     for inputs, targets in loader:
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with precision.autocast():
             output = model(inputs)
         for name, value in metric_sums(output, targets).items():
-            sums[name] = sums.get(name, 0) + value.double()
+            per_batch.setdefault(name, []).append(value)
         count += len(targets)
     model.train(was_training)
-    names = list(sums)
-    totals = torch.stack([sums[name] for name in names] + [count])
+    names = list(per_batch)
+    # Add up in float64, once at the end: no work per batch beyond the metrics themselves.
+    totals = torch.stack(
+        [torch.stack(per_batch[name]).double().sum() for name in names]
+        + [torch.tensor(count, dtype=torch.float64, device=device)]
+    )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)  # sums over every shard, not a mean of means
     *values, total = totals.tolist()

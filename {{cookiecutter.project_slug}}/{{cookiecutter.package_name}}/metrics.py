@@ -1,4 +1,4 @@
-"""``metrics.jsonl``: one JSON object per line, the run's source of truth."""
+"""``metrics.jsonl``: one JSON object per line, the run's source of truth (and TensorBoard, if asked)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,41 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write
+from .config import ConfigError
+
+
+def require_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]' (or tensorboard=false)"
+        ) from None
 
 
 class MetricsLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.tensorboard = None
+
+    def add_tensorboard(self, folder: Path, first_step: int) -> None:
+        """Also write every number as a TensorBoard scalar (tag = its key), from ``first_step`` on."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: on resume, TensorBoard drops what an interrupted run wrote past the checkpoint.
+        self.tensorboard = SummaryWriter(str(folder), purge_step=first_step or None)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records past the checkpoint's step (they will be logged again) and any torn last line."""

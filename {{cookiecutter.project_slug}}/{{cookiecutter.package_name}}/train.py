@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint, unwrap
@@ -33,9 +34,10 @@ from .config import Config, ConfigError, differences, dump_yaml, load_config, to
 from .data import build_datasets
 from .evaluate import evaluate
 from .loader import build_loaders
-from .metrics import MetricsLog
+from .metrics import MetricsLog, require_tensorboard
 from .model import build_model
 from .precision import allow_tf32, resolve_precision
+from .progress import Progress, describe_run, summarize
 from .schedule import build_scheduler
 from .seed import rng_state, seed_everything, set_rng_state
 from .signals import StopRequest
@@ -47,10 +49,10 @@ SERIES = ("loss", "grad_norm", "skipped", "bad")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 # Changing these on resume is harmless; any other difference is reported as one
 # that makes the resumed run differ from an uninterrupted one.
-SAFE_ON_RESUME = set(
-    "max_steps eval_every log_every ckpt_every out_dir num_workers num_threads device max_bad_steps"
-    " dist_timeout_minutes".split()
-)
+SAFE_ON_RESUME = {
+    *("max_steps", "eval_every", "log_every", "ckpt_every", "out_dir", "num_workers", "num_threads", "device"),
+    *("max_bad_steps", "dist_timeout_minutes", "progress", "tensorboard", "compile", "tf32"),
+}
 
 
 class TrainingError(RuntimeError):
@@ -175,6 +177,8 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
         torch.set_num_threads(cfg.num_threads)
     precision = resolve_precision(cfg.precision, device)
     allow_tf32(device, cfg.tf32)
+    if cfg.tensorboard:
+        require_tensorboard()
     resume_from = resume_checkpoint_path(cfg)
     check_out_dir(cfg, resume_from)
     checkpoint = load_checkpoint(resume_from) if resume_from else None
@@ -208,15 +212,15 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
             scheduler.load_state_dict(checkpoint["scheduler"])
             if scaler is not None and checkpoint["scaler"]:
                 scaler.load_state_dict(checkpoint["scaler"])
-            progress = checkpoint["progress"]
-            batches.load_state_dict(progress["data"], cfg.batch_size * ctx.world_size)
+            saved = checkpoint["progress"]
+            batches.load_state_dict(saved["data"], cfg.batch_size * ctx.world_size)
             rng = checkpoint["rng"]
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {resume_from} does not fit this run: {e}") from None
-        step, best_metric, best_step = checkpoint["step"], checkpoint["best_metric"], progress["best_step"]
+        step, best_metric, best_step = checkpoint["step"], checkpoint["best_metric"], saved["best_step"]
         last_metrics = checkpoint.get("metrics") or {}
-        bad_streak, skipped_total = progress["bad_streak"], progress["skipped_total"]
-        on_host = progress["unlogged_steps"]
+        bad_streak, skipped_total = saved["bad_streak"], saved["skipped_total"]
+        on_host = saved["unlogged_steps"]
         if len(rng) == ctx.world_size:
             set_rng_state(rng[ctx.rank])
         else:  # another world size: fresh streams, still a function of the seed
@@ -231,16 +235,15 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
         if checkpoint is None:
             for name in RUN_FILES:  # only reached with overwrite=true, or an empty folder
                 (out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        if cfg.tensorboard:
+            metrics_log.add_tensorboard(out_dir / "tensorboard", first_step=step)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
         if checkpoint is not None:
             metrics_log.truncate_after(step)
-            log.info("resumed from %s at step %d", resume_from, step)
     ctx.barrier()
-    log.info(
-        "training on %s x %d process(es), precision %s, %s parameters, global batch %d (%d x %d accum x %d)",
-        device.type, ctx.world_size, precision.name, f"{sum(p.numel() for p in params):,}",
-        cfg.batch_size * cfg.accum_steps * ctx.world_size, cfg.batch_size, cfg.accum_steps, ctx.world_size,
-    )  # fmt: skip
+    describe_run(cfg, device, precision.name, sum(p.numel() for p in params), ctx.world_size,
+                 f"resumed from {resume_from} at step {step}" if checkpoint is not None else "")  # fmt: skip
 
     def save(name: str) -> None:
         # Everything needed to continue exactly: tensors, numbers, strings, lists and dicts only.
@@ -309,10 +312,7 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
         on_host.clear()
         if ctx.is_main:
             metrics_log.write(record)
-        log.info(
-            "step %d  loss %.4f  lr %.3g  grad_norm %.3g",
-            step, record.get("loss", math.nan), lr_used, record.get("grad_norm", math.nan),
-        )  # fmt: skip
+        progress.update(step, record.get("loss"), lr_used, record.get("grad_norm"), outside_steps)
 
     # --- the loop: one iteration = one optimizer step over accum_steps micro-batches ---
     fp16_scale = scaler.get_scale() if scaler is not None else None
@@ -321,9 +321,13 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
     no_sync = model.no_sync if ctx.enabled else contextlib.nullcontext
     last_micro = cfg.accum_steps - 1
     stopped_by = 0
+    start_step = step
     outside_steps = 0.0  # seconds spent evaluating and saving, reported apart from training throughput
     model.train()
-    with StopRequest() as stop:
+    progress = Progress(cfg, step, cfg.batch_size * cfg.accum_steps * ctx.world_size, ctx.is_main)
+    # While the bar is drawn, log lines are written above it instead of through it.
+    redirect = logging_redirect_tqdm() if progress.show_bar else contextlib.nullcontext()
+    with StopRequest() as stop, redirect:
         loop_started = time.perf_counter()
         while step < cfg.max_steps:
             step_loss = None
@@ -343,8 +347,9 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
             if scaler is not None:
                 scaler.unscale_(optimizer)  # once per step, before clipping sees the gradients
             grad_norm = clip_gradients(params, cfg.clip_grad_norm)
-            # Non-finite loss or gradient norm: one flag, on the device (the sum is non-finite if either is).
-            bad = torch.isfinite(step_loss + grad_norm).logical_not_().float()
+            # 1.0 if the loss or the gradient norm is inf/NaN, else 0.0, computed on the device:
+            # x * 0 is 0 for finite x and NaN otherwise (three small ops, no host read).
+            bad = torch.nan_to_num((step_loss + grad_norm) * 0, nan=1.0)
             if ctx.enabled:
                 torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # skip together
             lr_used = optimizer.param_groups[0]["lr"]
@@ -359,7 +364,7 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
                 if new_scale >= fp16_scale:
                     scheduler.step()
                 fp16_scale = new_scale
-                bad = torch.isfinite(step_loss).logical_not_().float()
+                bad = torch.nan_to_num(step_loss * 0, nan=1.0)
             else:
                 skipped = bad
                 optimizer_step(optimizer, bad)
@@ -403,8 +408,11 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
                 log.warning("stopped by signal %d at step %d; last.pt saved, resume with resume=auto", stopped_by, step)
                 break
         train_seconds = time.perf_counter() - loop_started - outside_steps
+        progress.close()
+    metrics_log.close()
 
-    return {
+    steps_run = step - start_step
+    summary = {
         "step": step,
         "seconds": time.perf_counter() - started,
         "train_seconds": train_seconds,
@@ -416,7 +424,10 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
         "exit_code": 128 + stopped_by if stopped_by else 0,
         "out_dir": str(out_dir),
         "monitor": cfg.monitor,
+        "samples_per_second": steps_run * progress.samples_per_step / max(train_seconds, 1e-9),
     }
+    summarize(summary, out_dir)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,12 +453,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         return 130
-    best = summary["best_metric"]
-    log.info(
-        "done: %d steps in %.1fs; best %s %s at step %s; files in %s",
-        summary["step"], summary["seconds"], summary["monitor"],
-        f"{best:.4f}" if best is not None else "n/a", summary["best_step"], summary["out_dir"],
-    )  # fmt: skip
     return summary["exit_code"]
 
 

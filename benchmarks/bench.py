@@ -1,0 +1,251 @@
+"""How much the generated loop costs over a bare loop, measured side by side.
+
+    scripts/bench [--rounds N] [--quick]
+
+Bakes a project from this checkout, then for each task, precision and
+accumulation setting trains the same model on the same data for the same
+number of optimizer steps with
+  (a) a bare loop written here: forward, loss, backward, step, zero_grad
+      (with the same autocast for bf16, and the loss divided for accumulation), and
+  (b) the generated project's own train() with every essential on: schedule,
+      clipping, non-finite guard, accumulation, logging, periodic checkpoints,
+in interleaved rounds (a b a b ...). Training speed is the median steps per
+second; the generated loop's time excludes evaluation and checkpoint writing,
+which are measured apart: its evaluation against a bare no_grad forward loop
+over the same batches, and its atomic best.pt save against a plain torch.save.
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parents[1]
+TARGETS = {"mlp": {1: 0.85, 4: 0.93}, "transformer": {1: 0.97, 4: 0.97}}
+EVAL_TARGET, SAVE_TARGET = 1.10, 1.5
+
+
+def bake(where: Path) -> Path:
+    from cookiecutter.main import cookiecutter
+
+    return Path(
+        cookiecutter(
+            str(TEMPLATE),
+            no_input=True,
+            output_dir=str(where),
+            extra_context={"project_name": "Bench Project", "run_smoke_test": False},
+            default_config=True,
+        )
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per setting (median of these)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps, for a rough look")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else args.rounds
+
+    with tempfile.TemporaryDirectory(prefix="blank-loop-bench-") as tmp:
+        project = bake(Path(tmp))
+        sys.path.insert(0, str(project))
+        sys.dont_write_bytecode = True
+        pkg = "bench_project"
+        modules = ("config", "train", "evaluate", "loader", "checkpoint", "precision", "seed")
+        mods = {name: importlib.import_module(f"{pkg}.{name}") for name in modules}
+        import torch
+        from tasks import TASKS  # noqa: E402  (benchmarks/tasks.py, next to this file)
+
+        torch.set_num_threads(1)
+        device = mods["precision"].resolve_device("auto")
+        results = []
+        for task in TASKS.values():
+            steps = task.steps // (3 if args.quick else 1)
+            for precision in ("fp32", "bf16"):
+                for accum in (1, 4):
+                    results.append(measure_training(mods, task, device, precision, accum, steps, rounds, Path(tmp)))
+        extras = measure_eval_and_save(mods, TASKS["transformer"], device, rounds, Path(tmp))
+    report(results, extras, device)
+    return 0
+
+
+def make_config(mods, task, device, precision: str, accum: int, steps: int, out_dir: Path):
+    overrides = [f"out_dir={out_dir}", f"device={device.type}", f"precision={precision}", f"accum_steps={accum}",
+                 f"max_steps={steps}", "warmup_steps=10", "log_every=50", f"eval_every={steps}",
+                 f"ckpt_every={max(1, steps // 2)}", "clip_grad_norm=1.0", *task.overrides]  # fmt: skip
+    return mods["config"].load_config(None, overrides)
+
+
+@contextlib.contextmanager
+def task_installed(mods, task):
+    """Point the generated project's user-replaced parts (data, model, loss, metric) at the task's."""
+    saved = {}
+    patches = {("train", "build_datasets"): task.build_datasets, ("train", "build_model"): task.build_model,
+               ("train", "compute_loss"): task.compute_loss, ("evaluate", "metric_sums"): task.metric_sums}  # fmt: skip
+    for (module, name), value in patches.items():
+        saved[(module, name)] = getattr(mods[module], name)
+        setattr(mods[module], name, value)
+    try:
+        yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(mods[module], name, value)
+
+
+def bare_loop(mods, task, cfg, device) -> float:
+    """Steps per second of the minimal loop on the same model, data, DataLoader and optimizer."""
+    mods["seed"].seed_everything(cfg.seed)
+    train_set, val_set = task.build_datasets(cfg)
+    model = task.build_model(cfg).to(device)
+    optimizer = mods["train"].build_optimizer(model, cfg, device)
+    batches, _ = mods["loader"].build_loaders(cfg, train_set, val_set, device)
+    precision = mods["precision"].resolve_precision(cfg.precision, device)
+    model.train()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(cfg.max_steps):
+        for _ in range(cfg.accum_steps):
+            inputs, targets = next(batches)
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with precision.autocast():
+                loss = task.compute_loss(model(inputs), targets)
+            if cfg.accum_steps > 1:
+                loss = loss / cfg.accum_steps
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return cfg.max_steps / (time.perf_counter() - started)
+
+
+def generated_loop(mods, task, cfg) -> float:
+    with task_installed(mods, task):
+        summary = mods["train"].train(cfg)
+    return cfg.max_steps / summary["train_seconds"]
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_training(mods, task, device, precision, accum, steps, rounds, tmp: Path) -> dict:
+    bare, loop = [], []
+    for i in range(rounds + 1):  # round 0 warms up both (first-touch memory, lazy imports)
+        cfg = make_config(mods, task, device, precision, accum, steps, tmp / f"{task.name}-{precision}-{accum}-{i}")
+        b, g = bare_loop(mods, task, cfg, device), generated_loop(mods, task, cfg)
+        if i:
+            bare.append(b)
+            loop.append(g)
+    bare_sps, loop_sps = statistics.median(bare), statistics.median(loop)
+    row = {"task": task.name, "precision": precision, "accum_steps": accum, "steps": steps,
+           "bare_steps_per_s": round(bare_sps, 1), "loop_steps_per_s": round(loop_sps, 1),
+           "ratio": round(loop_sps / bare_sps, 3), "target": TARGETS[task.name][accum]}  # fmt: skip
+    if device.type == "cuda":
+        cfg = make_config(mods, task, device, precision, accum, steps, tmp / "x")
+        samples = cfg.batch_size * accum
+        row["samples_per_s"] = round(loop_sps * samples, 1)
+        if task.flops_per_sample:
+            peak = peak_flops(device, precision)
+            if peak:
+                row["mfu"] = round(loop_sps * samples * task.flops_per_sample(cfg) / peak, 4)
+    print(f"  {task.name:11s} {precision} accum {accum}: loop/bare {row['ratio']:.3f}", file=sys.stderr)
+    return row
+
+
+def measure_eval_and_save(mods, task, device, rounds, tmp: Path) -> dict:
+    """The generated evaluate() against a bare no_grad forward loop; save_checkpoint against torch.save."""
+    import torch
+
+    cfg = make_config(mods, task, device, "fp32", 1, 20, tmp / "eval")
+    with task_installed(mods, task):
+        mods["train"].train(cfg)  # a trained model and a real checkpoint to time
+    state = torch.load(Path(cfg.out_dir) / "last.pt", weights_only=True)
+    model = task.build_model(cfg).to(device)
+    model.load_state_dict(state["model"])
+    train_set, val_set = task.build_datasets(cfg)
+    _, val_loader = mods["loader"].build_loaders(cfg, train_set, val_set, device)
+    precision = mods["precision"].resolve_precision("fp32", device)
+
+    def bare_eval() -> None:
+        model.eval()
+        with torch.no_grad():
+            for inputs, _ in val_loader:
+                model(inputs.to(device, non_blocking=True))
+        synchronize(device)
+
+    def our_eval() -> None:
+        with task_installed(mods, task):
+            mods["evaluate"].evaluate(model, val_loader, device, precision)
+
+    plain_path, atomic_path = tmp / "plain.pt", tmp / "atomic.pt"
+
+    def plain_save() -> None:
+        torch.save(state, plain_path)
+
+    def atomic_save() -> None:
+        mods["checkpoint"].save_checkpoint(state, atomic_path)
+
+    timings = {name: [] for name in ("bare_eval", "eval", "torch_save", "save_checkpoint")}
+    for i in range(rounds + 1):
+        for name, fn in (("bare_eval", bare_eval), ("eval", our_eval), ("torch_save", plain_save),
+                         ("save_checkpoint", atomic_save)):  # fmt: skip
+            started = time.perf_counter()
+            fn()
+            if i:
+                timings[name].append(time.perf_counter() - started)
+    med = {name: statistics.median(values) for name, values in timings.items()}
+    return {
+        "eval_seconds": round(med["eval"], 5), "bare_eval_seconds": round(med["bare_eval"], 5),
+        "eval_ratio": round(med["eval"] / med["bare_eval"], 3), "eval_target": EVAL_TARGET,
+        "save_seconds": round(med["save_checkpoint"], 5), "torch_save_seconds": round(med["torch_save"], 5),
+        "save_ratio": round(med["save_checkpoint"] / med["torch_save"], 3), "save_target": SAVE_TARGET,
+        "checkpoint_mb": round(os.path.getsize(atomic_path) / 2**20, 2),
+    }  # fmt: skip
+
+
+def peak_flops(device, precision: str) -> float | None:
+    """Dense peak FLOP/s of known GPUs (bf16 tensor cores; fp32 runs as TF32), or None."""
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+    for key, bf16 in table.items():
+        if key in name:
+            return bf16 if precision == "bf16" else bf16 / 2
+    return None
+
+
+def report(rows: list[dict], extras: dict, device) -> None:
+    print(f"\nblank-loop benchmark on {device.type}, 1 thread, median of interleaved rounds\n")
+    head = "| task | precision | accum | bare steps/s | loop steps/s | loop / bare | target |"
+    print(head)
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        ok = "ok" if r["ratio"] >= r["target"] else "BELOW"
+        print(f"| {r['task']} | {r['precision']} | {r['accum_steps']} | {r['bare_steps_per_s']:.0f} | "
+              f"{r['loop_steps_per_s']:.0f} | {r['ratio']:.3f} | >= {r['target']} {ok} |")  # fmt: skip
+    print(
+        f"\nevaluation: {extras['eval_seconds'] * 1e3:.1f} ms vs bare no_grad forward "
+        f"{extras['bare_eval_seconds'] * 1e3:.1f} ms: {extras['eval_ratio']:.3f}x (target <= {EVAL_TARGET})"
+    )
+    print(f"best.pt save ({extras['checkpoint_mb']} MB, atomic + fsync): {extras['save_seconds'] * 1e3:.1f} ms vs "
+          f"torch.save {extras['torch_save_seconds'] * 1e3:.1f} ms: {extras['save_ratio']:.3f}x "
+          f"(target <= {SAVE_TARGET})")  # fmt: skip
+    print(json.dumps({"device": device.type, "training": rows, **extras}))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The benchmark's two tasks, each a (data, model, loss, metric) set like the generated data.py/model.py/task.py.
+
+- mlp: a tiny MLP (20-64-64-10, batch 64) on Gaussian clusters: its step time is mostly loop overhead.
+- transformer: a small causal transformer language model on synthetic token sequences: compute-dominated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+
+class Pairs(Dataset):
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.inputs[i], self.targets[i]
+
+
+def classification_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output.float(), target)
+
+
+def classification_sums(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "val_loss": F.cross_entropy(output.float(), target, reduction="sum"),
+        "val_acc": (output.argmax(dim=-1) == target).sum(),
+    }
+
+
+# --- mlp ---
+
+
+def mlp_data(cfg):
+    g = torch.Generator().manual_seed(cfg.seed)
+    centers = torch.randn(cfg.num_classes, cfg.input_dim, generator=g)
+
+    def make(n):
+        y = torch.randint(cfg.num_classes, (n,), generator=g)
+        return Pairs(centers[y] + torch.randn(n, cfg.input_dim, generator=g), y)
+
+    return make(cfg.train_size), make(cfg.val_size)
+
+
+def mlp_model(cfg) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(cfg.input_dim, cfg.hidden_dim), nn.ReLU(),
+        nn.Linear(cfg.hidden_dim, cfg.hidden_dim), nn.ReLU(),
+        nn.Linear(cfg.hidden_dim, cfg.num_classes),
+    )  # fmt: skip
+
+
+# --- transformer language model ---
+
+VOCAB, CONTEXT, WIDTH, LAYERS, HEADS = 256, 64, 128, 2, 4
+
+
+def lm_data(cfg):
+    # A random first-order Markov "language": learnable, generated from the seed.
+    g = torch.Generator().manual_seed(cfg.seed)
+    transitions = torch.softmax(3 * torch.randn(VOCAB, VOCAB, generator=g), dim=-1)
+
+    def make(n):
+        tokens = torch.empty(n, CONTEXT + 1, dtype=torch.long)
+        tokens[:, 0] = torch.randint(VOCAB, (n,), generator=g)
+        for t in range(CONTEXT):
+            tokens[:, t + 1] = torch.multinomial(transitions[tokens[:, t]], 1, generator=g).squeeze(1)
+        return Pairs(tokens[:, :-1], tokens[:, 1:])
+
+    return make(cfg.train_size), make(cfg.val_size)
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.position = nn.Parameter(torch.zeros(CONTEXT, WIDTH))
+        layer = nn.TransformerEncoderLayer(WIDTH, HEADS, 4 * WIDTH, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(CONTEXT), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        x = self.blocks(x, mask=self.causal, is_causal=True)
+        return self.head(self.norm(x))
+
+
+def lm_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output.float().flatten(0, 1), target.flatten())
+
+
+def lm_sums(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    per_sequence = F.cross_entropy(output.float().transpose(1, 2), target, reduction="none").mean(dim=1)
+    return {"val_loss": per_sequence.sum(), "val_acc": (output.argmax(dim=-1) == target).float().mean(dim=1).sum()}
+
+
+def lm_flops_per_sample(cfg) -> float:
+    # 6 FLOPs per parameter per token (forward + backward), plus attention's 12 * layers * context * width.
+    params = VOCAB * WIDTH * 2 + LAYERS * 12 * WIDTH * WIDTH
+    return CONTEXT * (6 * params + 12 * LAYERS * CONTEXT * WIDTH)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    overrides: tuple[str, ...]
+    steps: int
+    build_datasets: Callable
+    build_model: Callable
+    compute_loss: Callable
+    metric_sums: Callable
+    flops_per_sample: Callable | None = None
+
+
+TASKS = {
+    "mlp": Task(
+        "mlp",
+        ("input_dim=20", "hidden_dim=64", "num_classes=10", "batch_size=64", "train_size=8192", "val_size=2048"),
+        600,
+        mlp_data,
+        mlp_model,
+        classification_loss,
+        classification_sums,
+    ),  # fmt: skip
+    "transformer": Task(
+        "transformer",
+        ("batch_size=16", "train_size=1024", "val_size=256"),
+        16,
+        lm_data,
+        lambda cfg: TinyLM(),
+        lm_loss,
+        lm_sums,
+        lm_flops_per_sample,
+    ),  # fmt: skip
+}

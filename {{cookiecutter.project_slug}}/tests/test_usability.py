@@ -1,0 +1,150 @@
+"""What a person sees: progress bar or plain lines, start and end blocks, plots, TensorBoard, evaluate."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+from {{ cookiecutter.package_name }} import plot as plot_module
+from {{ cookiecutter.package_name }}.train import main, train
+
+from .conftest import ROOT, SMOKE, checkpoint
+
+RUN = ["device=cpu", "max_steps=40", "warmup_steps=5", "log_every=10", "eval_every=20"]
+
+
+def run_cli(out_dir: Path, *overrides: str, terminal: bool = False) -> str:
+    """Train in a subprocess whose stdout is a pipe, or a pseudo-terminal; return what it printed."""
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}.train", "--config", str(SMOKE),
+               f"out_dir={out_dir}", *RUN, *overrides]  # fmt: skip
+    if not terminal:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+    controller, terminal_fd = pty.openpty()
+    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))  # a 120-column terminal
+    process = subprocess.Popen(command, cwd=ROOT, stdout=terminal_fd, stderr=terminal_fd, close_fds=True)
+    os.close(terminal_fd)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    assert process.wait(timeout=120) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+PLAIN_LINE = re.compile(r"^step 10/40  loss \d+\.\d+  lr \S+  grad_norm \S+  [\d,]+ samples/s$", re.MULTILINE)
+
+
+def test_piped_output_has_plain_lines_and_no_bar(tmp_path):
+    out = run_cli(tmp_path / "run")
+    assert PLAIN_LINE.search(out), out
+    assert "\r" not in out and "█" not in out
+    # The start block, an evaluation with its best marker, and the end summary.
+    expected = [
+        "config:     ",
+        "device:     cpu x 1 process(es), precision",
+        "model:      5,508 parameters",
+        "batch:      32 samples per optimizer step = 32 x 1 accum x 1 process(es)",
+        "eval step 20  val_loss",
+        "(new best)",
+        "done: 40 steps in",
+        "best val_loss",
+        "files: ",
+    ]
+    for line in expected:
+        assert line in out, line
+    assert "max_steps=40" in out.split("config:", 1)[1].splitlines()[0]  # differences from the defaults
+    assert f"{tmp_path / 'run' / 'best.pt'}" in out and f"{tmp_path / 'run' / 'metrics.jsonl'}" in out
+
+
+def test_a_terminal_gets_one_progress_bar(tmp_path):
+    out = run_cli(tmp_path / "run", terminal=True)
+    assert "40/40" in out and "samples/s" in out and "\r" in out  # tqdm redraws in place
+    assert not PLAIN_LINE.search(out.replace("\r", "\n"))
+    assert "eval step 20" in out and "done: 40 steps" in out  # log lines still show, above the bar
+
+
+def test_progress_false_keeps_plain_lines_in_a_terminal(tmp_path):
+    out = run_cli(tmp_path / "run", "progress=false", terminal=True)
+    assert PLAIN_LINE.search(out.replace("\r\n", "\n")) and "█" not in out
+
+
+def test_plot_writes_a_real_image(make_config):
+    pytest.importorskip("matplotlib")
+    from matplotlib import image
+
+    cfg = make_config("max_steps=60", "warmup_steps=5", "log_every=5", "eval_every=15")
+    train(cfg)
+    assert plot_module.main([cfg.out_dir]) == 0
+    png = Path(cfg.out_dir) / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = image.imread(png)
+    height, width = pixels.shape[:2]
+    assert height >= 600 and width >= 600
+    ink = (pixels[..., :3].mean(axis=-1) < 0.9).mean()  # share of pixels that are not (near) white
+    assert 0.02 < ink < 0.5, ink
+
+
+def test_plot_without_matplotlib_says_how_to_install(make_config, monkeypatch, capsys):
+    cfg = make_config("max_steps=5", "warmup_steps=0")
+    train(cfg)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert plot_module.main([cfg.out_dir]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: plotting needs matplotlib: pip install -e '.[plot]'\n"
+    assert not (Path(cfg.out_dir) / "curves.png").exists()
+
+
+def test_plot_of_a_folder_without_a_run(tmp_path, capsys):
+    assert plot_module.main([str(tmp_path)]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_tensorboard_scalars(make_config):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config("tensorboard=true", "max_steps=20", "warmup_steps=0", "log_every=5", "eval_every=10")
+    train(cfg)
+    events = EventAccumulator(str(Path(cfg.out_dir) / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "val_loss", "val_acc"} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [5, 10, 15, 20]
+
+
+def test_tensorboard_missing_is_a_clear_error_before_anything_is_written(make_config, monkeypatch, capsys):
+    cfg = make_config()
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    assert main(["--config", str(SMOKE), f"out_dir={cfg.out_dir}", "tensorboard=true"]) == 2
+    assert "tensorboard=true needs the tensorboard package" in capsys.readouterr().err
+    assert not Path(cfg.out_dir).exists()
+
+
+def test_evaluate_command_reproduces_the_recorded_metrics(make_config):
+    cfg = make_config("max_steps=30", "warmup_steps=5", "eval_every=10")
+    train(cfg)
+    result = subprocess.run(
+        [sys.executable, "-m", "{{ cookiecutter.package_name }}.evaluate", "--checkpoint", f"{cfg.out_dir}/best.pt"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    recorded = checkpoint(cfg.out_dir, "best.pt")["metrics"]
+    for name, value in recorded.items():
+        assert f"{name}: {value:.6f}  (recorded at save: {value:.6f})" in result.stdout

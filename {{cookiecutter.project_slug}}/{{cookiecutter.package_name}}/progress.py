@@ -1,0 +1,85 @@
+"""What the run tells you: a start block, a progress bar (or plain lines), and an end summary.
+
+The bar is shown on rank 0 when stdout is a terminal and ``progress: true``;
+in CI, a cluster log or a pipe, a plain line is logged every ``log_every``
+steps instead. Both refresh only at log steps, when the loop has read its
+values from the device anyway: no extra host-device sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .config import Config, differences, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def describe_run(cfg: Config, device: Any, precision: str, parameters: int, world_size: int, resumed: str) -> None:
+    changed = differences(to_dict(Config()), to_dict(cfg))
+    shown = ", ".join(f"{key}={new}" for key, (_, new) in changed.items()) or "(all defaults)"
+    log.info("run:        %s (%s)", cfg.out_dir, resumed or "fresh start")
+    log.info("config:     %s", shown)
+    log.info("device:     %s x %d process(es), precision %s (asked: %s)", device, world_size, precision, cfg.precision)
+    log.info("model:      %s parameters", f"{parameters:,}")
+    log.info(
+        "batch:      %d samples per optimizer step = %d x %d accum x %d process(es)",
+        cfg.batch_size * cfg.accum_steps * world_size, cfg.batch_size, cfg.accum_steps, world_size,
+    )  # fmt: skip
+
+
+class Progress:
+    """Step counter with throughput; draws a tqdm bar or logs plain lines, refreshed at log steps."""
+
+    def __init__(self, cfg: Config, step: int, samples_per_step: int, is_main: bool):
+        self.samples_per_step, self.total = samples_per_step, cfg.max_steps
+        self.show_bar = is_main and cfg.progress and sys.stdout.isatty()
+        # The loss shown is the mean over the last log_every steps: smoothed, and read at no extra cost.
+        self.bar = tqdm(
+            total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout,
+            disable=not self.show_bar, mininterval=0, smoothing=0.1,
+        )  # fmt: skip
+        self.last_step, self.last_time, self.last_excluded = step, time.perf_counter(), 0.0
+        self.samples_per_second = 0.0
+
+    def update(self, step: int, loss: float | None, lr: float, grad_norm: float | None, excluded: float) -> None:
+        """``loss`` is the mean over the steps since the last update; ``excluded``: seconds so far spent
+        evaluating and saving, left out of the throughput."""
+        now = time.perf_counter()
+        busy = now - self.last_time - (excluded - self.last_excluded)
+        if step > self.last_step:
+            self.samples_per_second = (step - self.last_step) * self.samples_per_step / max(busy, 1e-9)
+        self.last_step, self.last_time, self.last_excluded = step, now, excluded
+        shown_loss = loss if loss is not None else float("nan")
+        if self.show_bar:
+            self.bar.set_postfix_str(
+                f"loss {shown_loss:.4f}  lr {lr:.2e}  {self.samples_per_second:,.0f} samples/s", refresh=False
+            )
+            self.bar.update(step - self.bar.n)
+        else:
+            log.info(
+                "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %s samples/s",
+                step, self.total, shown_loss, lr, grad_norm if grad_norm is not None else float("nan"),
+                f"{self.samples_per_second:,.0f}",
+            )  # fmt: skip
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def summarize(summary: dict[str, Any], out_dir: Path) -> None:
+    best = summary["best_metric"]
+    log.info(
+        "done: %d steps in %.1fs (%s samples/s while training)",
+        summary["step"], summary["seconds"], f"{summary['samples_per_second']:,.0f}",
+    )  # fmt: skip
+    if best is not None:
+        log.info("best %s: %.4f at step %d", summary["monitor"], best, summary["best_step"])
+    files = [out_dir / name for name in ("best.pt", "last.pt", "metrics.jsonl") if (out_dir / name).exists()]
+    log.info("files: %s", "  ".join(str(path) for path in files))
