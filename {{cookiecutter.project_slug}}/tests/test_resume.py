@@ -210,8 +210,8 @@ def test_a_crash_inside_a_save_leaves_the_old_file_intact(tmp_path, monkeypatch)
     save_checkpoint({"step": 1}, path)
     before = path.read_bytes()
 
-    def write_half_then_fail(obj, f):
-        f.write(b"half a checkpoint")
+    def write_half_then_fail(obj, tmp):
+        Path(tmp).write_bytes(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", write_half_then_fail)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +50,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync, then rename it over ``path``."""
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """Call ``write(temp_path)`` for a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)  # by path: torch.save then uses its fast native writer
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -70,7 +71,7 @@ def atomic_write(path: str | Path, write) -> None:
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     try:
-        atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+        atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
     except OSError as e:
         raise CheckpointError(f"could not save {path}: {e.strerror or e}; the previous file is unchanged") from e
 

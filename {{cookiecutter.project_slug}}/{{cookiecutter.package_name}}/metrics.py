@@ -55,7 +55,7 @@ class MetricsLog:
                 continue  # a line cut short by a crash
             if isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line + "\n")
-        atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
