@@ -80,20 +80,21 @@ def main() -> int:
 
 def make_config(mods, task, device, precision: str, accum: int, steps: int, out_dir: Path):
     overrides = [f"out_dir={out_dir}", f"device={device.type}", f"precision={precision}", f"accum_steps={accum}",
-                 f"max_steps={steps}", "warmup_steps=10", "log_every=50", f"eval_every={steps}",
+                 f"max_steps={steps}", f"warmup_steps={min(10, steps)}", "log_every=50", f"eval_every={steps}",
                  f"ckpt_every={max(1, steps // 2)}", "clip_grad_norm=1.0", *task.overrides]  # fmt: skip
     return mods["config"].load_config(None, overrides)
 
 
 @contextlib.contextmanager
 def task_installed(mods, task):
-    """Point the generated project's user-replaced parts (data, model, loss, metric) at the task's."""
-    saved = {}
+    """Point the generated project's user-replaced parts (data, model, loss, metric) at the task's, if it has them."""
     patches = {("train", "build_datasets"): task.build_datasets, ("train", "build_model"): task.build_model,
                ("train", "compute_loss"): task.compute_loss, ("evaluate", "metric_sums"): task.metric_sums}  # fmt: skip
+    saved = {}
     for (module, name), value in patches.items():
-        saved[(module, name)] = getattr(mods[module], name)
-        setattr(mods[module], name, value)
+        if value is not None:
+            saved[(module, name)] = getattr(mods[module], name)
+            setattr(mods[module], name, value)
     try:
         yield
     finally:
@@ -101,11 +102,18 @@ def task_installed(mods, task):
             setattr(mods[module], name, value)
 
 
+def part(mods, task, name: str):
+    """The task's data/model/loss function, or the generated project's own."""
+    module = {"build_datasets": "train", "build_model": "train", "compute_loss": "train"}[name]
+    return getattr(task, name) or getattr(mods[module], name)
+
+
 def bare_loop(mods, task, cfg, device) -> float:
     """Steps per second of the minimal loop on the same model, data, DataLoader and optimizer."""
     mods["seed"].seed_everything(cfg.seed)
-    train_set, val_set = task.build_datasets(cfg)
-    model = task.build_model(cfg).to(device)
+    train_set, val_set = part(mods, task, "build_datasets")(cfg)
+    model = part(mods, task, "build_model")(cfg).to(device)
+    compute_loss = part(mods, task, "compute_loss")
     optimizer = mods["train"].build_optimizer(model, cfg, device)
     batches, _ = mods["loader"].build_loaders(cfg, train_set, val_set, device)
     precision = mods["precision"].resolve_precision(cfg.precision, device)
@@ -117,7 +125,7 @@ def bare_loop(mods, task, cfg, device) -> float:
             inputs, targets = next(batches)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with precision.autocast():
-                loss = task.compute_loss(model(inputs), targets)
+                loss = compute_loss(model(inputs), targets)
             if cfg.accum_steps > 1:
                 loss = loss / cfg.accum_steps
             loss.backward()
@@ -172,9 +180,9 @@ def measure_eval_and_save(mods, task, device, rounds, tmp: Path) -> dict:
     with task_installed(mods, task):
         mods["train"].train(cfg)  # a trained model and a real checkpoint to time
     state = torch.load(Path(cfg.out_dir) / "last.pt", weights_only=True)
-    model = task.build_model(cfg).to(device)
+    model = part(mods, task, "build_model")(cfg).to(device)
     model.load_state_dict(state["model"])
-    train_set, val_set = task.build_datasets(cfg)
+    train_set, val_set = part(mods, task, "build_datasets")(cfg)
     _, val_loader = mods["loader"].build_loaders(cfg, train_set, val_set, device)
     precision = mods["precision"].resolve_precision("fp32", device)
 
