@@ -347,12 +347,9 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
             if scaler is not None:
                 scaler.unscale_(optimizer)  # once per step, before clipping sees the gradients
             grad_norm = clip_gradients(params, cfg.clip_grad_norm)
-            # 1.0 if the loss or the gradient norm is inf/NaN, else 0.0, computed on the device:
-            # x * 0 is 0 for finite x and NaN otherwise (three small ops, no host read).
-            bad = torch.nan_to_num((step_loss + grad_norm) * 0, nan=1.0)
-            if ctx.enabled:
-                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # skip together
             lr_used = optimizer.param_groups[0]["lr"]
+            # "bad" is 1.0 when a value is inf/NaN, else 0.0, computed on the device with no host
+            # read: x * 0 is 0 for a finite x and NaN otherwise.
             if scaler is not None:
                 # fp16: the scaler skips steps whose gradients overflowed; that is its normal
                 # calibration, so only a non-finite loss counts as bad. One host read per step
@@ -366,6 +363,9 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
                 fp16_scale = new_scale
                 bad = torch.nan_to_num(step_loss * 0, nan=1.0)
             else:
+                bad = torch.nan_to_num((step_loss + grad_norm) * 0, nan=1.0)
+                if ctx.enabled:
+                    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank skips, or none
                 skipped = bad
                 optimizer_step(optimizer, bad)
                 scheduler.step()  # also after a skipped step: the skip is rare and stops the run if repeated
