@@ -57,7 +57,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) -> dict[str, float]:
-    state = load_checkpoint(path)
+    return evaluate_state(load_checkpoint(path), path, overrides)
+
+
+def evaluate_state(state: dict, path: str | Path, overrides: list[str] | None = None) -> dict[str, float]:
+    """Rebuild model and data from a loaded checkpoint's config (plus overrides) and evaluate it."""
     cfg = config_from_dict(state["config"])
     apply_overrides(cfg, parse_overrides(overrides or []))
     validate(cfg)
@@ -83,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        recorded = load_checkpoint(args.checkpoint).get("metrics") or {}
-        metrics = evaluate_checkpoint(args.checkpoint, args.overrides)
+        state = load_checkpoint(args.checkpoint)
+        metrics = evaluate_state(state, args.checkpoint, args.overrides)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    recorded = state.get("metrics") or {}
     for name, value in metrics.items():
         saved = f"  (recorded at save: {recorded[name]:.6f})" if name in recorded else ""
         print(f"{name}: {value:.6f}{saved}")
