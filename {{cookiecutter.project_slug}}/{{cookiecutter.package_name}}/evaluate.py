@@ -45,10 +45,12 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
         count += len(targets)
     model.train(was_training)
     names = list(per_batch)
-    # Add up in float64, once at the end: no work per batch beyond the metrics themselves.
+    # Add up once at the end, in float64 (MPS has no float64: float32 there): no work per batch
+    # beyond the metrics themselves.
+    dtype = torch.float32 if device.type == "mps" else torch.float64
     totals = torch.stack(
-        [torch.stack(per_batch[name]).double().sum() for name in names]
-        + [torch.tensor(count, dtype=torch.float64, device=device)]
+        [torch.stack(per_batch[name]).to(dtype).sum() for name in names]
+        + [torch.tensor(count, dtype=dtype, device=device)]
     )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)  # sums over every shard, not a mean of means

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -95,6 +96,8 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
         reason = f"torch.compile does not support Python {sys.version.split()[0]} on {sys.platform} yet"
     elif device.type == "cpu" and not any(shutil.which(cc) for cc in (os.environ.get("CXX"), "g++", "clang++") if cc):
         reason = "compiling for the CPU needs a C++ compiler (install g++ or clang++, or set CXX)"
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        reason = "compiling for CUDA needs Triton (pip install triton, or the CUDA build of PyTorch that ships it)"
     if reason:
         log.warning("compile=true skipped: %s; training uncompiled", reason)
         return model
