@@ -210,3 +210,25 @@ def test_template_sources_pass_ruff():
     ruff = [sys.executable, "-m", "ruff"]
     subprocess.run([*ruff, "check", "--no-cache", "hooks", "tests", "benchmarks"], cwd=TEMPLATE, check=True)
     subprocess.run([*ruff, "format", "--no-cache", "--check", "hooks", "tests", "benchmarks"], cwd=TEMPLATE, check=True)
+
+
+def test_readme_bake_command(tmp_path):
+    # scripts/bake, as the README shows it, with an output folder and an answer (it reuses .venv).
+    result = subprocess.run(
+        [str(TEMPLATE / "scripts" / "bake"), str(tmp_path), "project_name=Readme Bake"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "BLANK_LOOP_VENV": str(Path(sys.executable).parent.parent)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "smoke training passed:" in result.stdout
+    assert (tmp_path / "readme-bake" / "readme_bake" / "train.py").exists()
+
+
+def test_generated_ci_workflow_installs_lints_and_tests(baked):
+    workflow = yaml.safe_load((baked.path / ".github" / "workflows" / "ci.yml").read_text())
+    commands = "\n".join(step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"])
+    assert "download.pytorch.org/whl/cpu" in commands  # the CPU build: no CUDA download on CI runners
+    assert 'pip install -e ".[dev,plot]"' in commands
+    assert "ruff check ." in commands and "ruff format --check ." in commands and "pytest" in commands
