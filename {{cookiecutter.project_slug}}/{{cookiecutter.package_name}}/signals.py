@@ -1,8 +1,9 @@
 """Preemption: turn SIGTERM and SIGINT into a polite request to stop.
 
-The loop checks ``stop.requested`` after each optimizer step, writes
-``last.pt`` and exits with status 128 + signal number (143 for SIGTERM, 130
-for SIGINT), the code shells and schedulers read as "killed by that signal".
+The loop checks ``stop.signum`` after each optimizer step (under torchrun,
+every rank agrees on it first), writes ``last.pt`` and exits with status
+128 + signal number (143 for SIGTERM, 130 for SIGINT), the code shells and
+schedulers read as "killed by that signal".
 A second Ctrl-C exits at once, without saving.
 """
 
@@ -16,14 +17,6 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + (self.signum or 0)
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None and signum == signal.SIGINT:
