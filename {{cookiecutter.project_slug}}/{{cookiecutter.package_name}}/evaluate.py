@@ -33,7 +33,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     """Mean of each metric over the whole validation set (sums / samples, read once at the end)."""
     was_training = model.training
     model.eval()
-    per_batch: dict[str, list[torch.Tensor]] = {}
+    # Running sums on the device, in float64 (MPS has none: float32 there), read once at the end.
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    totals: dict[str, torch.Tensor] = {}
     count = 0
     for inputs, targets in loader:
         inputs = inputs.to(device, non_blocking=True)
@@ -41,20 +43,16 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
         with precision.autocast():
             output = model(inputs)
         for name, value in metric_sums(output, targets).items():
-            per_batch.setdefault(name, []).append(value)
+            if name not in totals:
+                totals[name] = torch.zeros((), dtype=dtype, device=device)
+            totals[name] += value
         count += len(targets)
     model.train(was_training)
-    names = list(per_batch)
-    # Add up once at the end, in float64 (MPS has no float64: float32 there): no work per batch
-    # beyond the metrics themselves.
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    totals = torch.stack(
-        [torch.stack(per_batch[name]).to(dtype).sum() for name in names]
-        + [torch.tensor(count, dtype=dtype, device=device)]
-    )
+    names = list(totals)
+    summed = torch.stack([*totals.values(), torch.tensor(count, dtype=dtype, device=device)])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)  # sums over every shard, not a mean of means
-    *values, total = totals.tolist()
+        torch.distributed.all_reduce(summed)  # sums over every shard, not a mean of means
+    *values, total = summed.tolist()
     return {name: value / total for name, value in zip(names, values, strict=True)}
 
 
