@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,15 +51,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _open_old(path: Path) -> int | None:
+    """A read handle on the file about to be replaced (POSIX only: Windows cannot rename over an open file)."""
+    if os.name != "posix":
+        return None
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """Call ``write(temp_path)`` for a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    old = None
     try:
         write(tmp)  # by path: torch.save then uses its fast native writer
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        # Freeing the old file's disk blocks takes about 1 ms per 5 MB (ext4); holding it open
+        # moves that work to the last close, done below off the calling thread.
+        old = _open_old(path)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -66,6 +81,9 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
         except OSError:
             pass
         raise
+    finally:
+        if old is not None:
+            threading.Thread(target=os.close, args=(old,), name="release-old-checkpoint", daemon=True).start()
     _fsync_dir(path.parent)
 
 
