@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.config import Config, load_config
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 
@@ -20,6 +21,38 @@ def make_config(tmp_path):
         return load_config(SMOKE, [f"out_dir={tmp_path / name}", "device=cpu", *overrides])
 
     return make
+
+
+@pytest.fixture(params=["host", "device"])
+def step_path(request, monkeypatch):
+    """Run a test on both ways the loop decides clipping and skipping: "host" (what the CPU uses,
+    reading values each step) and "device" (what GPUs use: flags on the device, no per-step reads)."""
+    if request.param == "device":
+        force_device_path(monkeypatch)
+    return request.param
+
+
+def force_device_path(monkeypatch) -> None:
+    monkeypatch.setattr(train_module, "reads_are_free", lambda device: False)
+
+
+def nan_loss_on(
+    monkeypatch, steps: set[int] | None = None, from_step: int | None = None, finite_gradients: bool = False
+) -> None:
+    """Make the loss NaN at these optimizer steps (1-based, accum_steps=1), or from ``from_step`` on.
+    ``finite_gradients``: make it inf instead, by adding a constant, so that the gradients stay finite."""
+    calls = {"n": 0}
+    real_loss = train_module.compute_loss
+
+    def loss(output, target):
+        calls["n"] += 1
+        value = real_loss(output, target)
+        bad = (steps and calls["n"] in steps) or (from_step is not None and calls["n"] >= from_step)
+        if not bad:
+            return value
+        return value + float("inf") if finite_gradients else value * float("nan")
+
+    monkeypatch.setattr(train_module, "compute_loss", loss)
 
 
 def checkpoint(out_dir: str | Path, name: str = "last.pt") -> dict:

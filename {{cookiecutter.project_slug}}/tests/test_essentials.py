@@ -80,18 +80,42 @@ def test_clipping_bounds_the_norm_and_reports_the_norm_before_it():
     assert after.item() == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("on_host", [False, True])
 @pytest.mark.parametrize("max_norm", [0.1, 1.0, 1e6])
-def test_clipping_matches_torch_clip_grad_norm(max_norm):
+def test_clipping_matches_torch_clip_grad_norm(max_norm, on_host):
     torch.manual_seed(0)
     ours, reference = torch.nn.Linear(8, 5), torch.nn.Linear(8, 5)
     for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
         a.grad = torch.randn_like(a) * 3
         b.grad = a.grad.clone()
-    norm = clip_gradients(list(ours.parameters()), max_norm)
+    norm = clip_gradients(list(ours.parameters()), max_norm, on_host)
     expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
     torch.testing.assert_close(norm, expected)
     for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_the_optimizer_steps_with_clipped_gradients(make_config, monkeypatch, step_path):
+    norms_seen_by_step = []
+    real_build = train_module.build_optimizer
+
+    def build_spied_optimizer(model, cfg, device):
+        optimizer = real_build(model, cfg, device)
+        real_step = optimizer.step
+
+        def step(*args, **kwargs):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norms_seen_by_step.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            return real_step(*args, **kwargs)
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", build_spied_optimizer)
+    cfg = make_config("max_steps=10", "log_every=1", "clip_grad_norm=0.01")
+    train(cfg)
+    assert min(r["grad_norm"] for r in train_records(cfg.out_dir)) > 0.01  # the norm before clipping
+    assert norms_seen_by_step == pytest.approx([0.01] * 10, rel=1e-5)
 
 
 def test_clipping_zero_leaves_gradients_alone():

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, save_che
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.train import TrainingError, main, train
 
-from .conftest import ROOT, SMOKE, assert_same_weights, checkpoint, train_records
+from .conftest import ROOT, SMOKE, assert_same_weights, checkpoint, nan_loss_on, train_records
 
 # 1024 samples / batch 32 = 32 micro-batches per epoch = 16 optimizer steps with accum_steps=2.
 RUN = ["max_steps=40", "accum_steps=2", "log_every=5", "eval_every=15", "ckpt_every=10"]
@@ -221,6 +222,32 @@ def test_a_crash_inside_a_save_leaves_the_old_file_intact(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc/self/fd")
+def test_replacing_a_checkpoint_leaves_no_file_open(tmp_path, monkeypatch):
+    def open_files() -> int:
+        for thread in threading.enumerate():  # the old file is closed off the calling thread
+            if thread.name == "release-old-checkpoint":
+                thread.join()
+        return len(os.listdir("/proc/self/fd"))
+
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 0}, path)
+    before = open_files()
+    for step in range(1, 6):
+        save_checkpoint({"step": step}, path)
+    assert open_files() == before
+
+    def fail_to_rename(*args):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", fail_to_rename)
+    with pytest.raises(CheckpointError, match="I/O error"):
+        save_checkpoint({"step": 6}, path)
+    assert open_files() == before
+    assert torch.load(path, weights_only=True)["step"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_a_failed_save_during_training_stops_with_a_clear_error(make_config, monkeypatch, capsys):
     cfg = make_config("max_steps=30", "ckpt_every=10", "eval_every=100")
     real_replace = os.replace
@@ -250,20 +277,7 @@ def test_a_failed_save_during_training_stops_with_a_clear_error(make_config, mon
     assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl"]
 
 
-def nan_loss_on(monkeypatch, steps: set[int] | None = None, from_step: int | None = None) -> None:
-    calls = {"n": 0}
-    real_loss = train_module.compute_loss
-
-    def loss(output, target):
-        calls["n"] += 1
-        value = real_loss(output, target)
-        bad = (steps and calls["n"] in steps) or (from_step is not None and calls["n"] >= from_step)
-        return value * float("nan") if bad else value
-
-    monkeypatch.setattr(train_module, "compute_loss", loss)
-
-
-def test_a_non_finite_step_is_skipped_and_logged(make_config, monkeypatch, caplog):
+def test_a_non_finite_step_is_skipped_and_logged(make_config, monkeypatch, caplog, step_path):
     nan_loss_on(monkeypatch, steps={7})
     cfg = make_config("max_steps=20", "log_every=5")
     with caplog.at_level("WARNING"):
@@ -273,6 +287,14 @@ def test_a_non_finite_step_is_skipped_and_logged(make_config, monkeypatch, caplo
     assert train_records(cfg.out_dir)[1]["skipped"] >= 1  # the record of steps 6-10
     skipped = sum(r["skipped"] for r in train_records(cfg.out_dir))
     assert checkpoint(cfg.out_dir)["optimizer"]["state"][0]["step"] == 20 - skipped  # the skip moved nothing
+
+
+def test_an_inf_loss_with_finite_gradients_is_skipped_too(make_config, monkeypatch, step_path):
+    nan_loss_on(monkeypatch, steps={3}, finite_gradients=True)
+    cfg = make_config("max_steps=6", "warmup_steps=0", "log_every=1")
+    assert train(cfg)["skipped_steps"] == 1
+    assert [r["skipped"] for r in train_records(cfg.out_dir)] == [0, 0, 1, 0, 0, 0]
+    assert checkpoint(cfg.out_dir)["optimizer"]["state"][0]["step"] == 5
 
 
 def test_repeated_non_finite_steps_stop_training_and_keep_the_checkpoints(make_config, monkeypatch, capsys):

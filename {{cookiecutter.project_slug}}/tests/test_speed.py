@@ -11,6 +11,8 @@ import torch
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.train import train
 
+from .conftest import checkpoint, force_device_path, nan_loss_on, train_records
+
 # Every way a tensor's value reaches Python (each forces a host-device sync on a GPU).
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__format__", "__repr__", "numpy")
 
@@ -37,6 +39,7 @@ def test_no_host_reads_between_log_steps(make_config, monkeypatch, precision):
         return read
 
     monkeypatch.setattr(train_module, "compute_loss", counting_loss)
+    force_device_path(monkeypatch)  # the CPU reads per step by design (reads_are_free): check the GPU path
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counted(name))
     train(make_config(f"precision={precision}", "max_steps=40", "warmup_steps=0", "log_every=10",
@@ -45,6 +48,34 @@ def test_no_host_reads_between_log_steps(make_config, monkeypatch, precision):
     assert {s for s in reads if s % 10} == set(), f"reads at steps {sorted(reads.items())}"
     assert [reads[s] for s in (10, 20, 30)] == [1, 1, 1]  # one read per log interval
     assert reads[40] <= 4  # the last step also evaluates and saves
+
+
+def test_the_cpu_reads_values_each_step_and_trains_like_the_device_path(make_config, monkeypatch):
+    real_item = torch.Tensor.item
+    item_calls = collections.Counter()
+
+    def counted_item(self):
+        item_calls[path] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    runs = {}
+    for path in ("host", "device"):
+        with monkeypatch.context() as patch:
+            if path == "device":
+                force_device_path(patch)
+            nan_loss_on(patch, steps={5})
+            runs[path] = make_config("max_steps=16", "log_every=1", "clip_grad_norm=0.05", "eval_every=16", name=path)
+            train(runs[path])
+    assert item_calls["host"] >= 2 * 16 > item_calls["device"]  # the loss and the grad norm, every step
+    host, device = (train_records(runs[path].out_dir) for path in ("host", "device"))
+    assert [r["skipped"] for r in host] == [r["skipped"] for r in device] == [0] * 4 + [1] + [0] * 11
+    assert sum(r.get("grad_norm", 0) > 0.05 for r in host) >= 12  # clipping was at work
+    for a, b in zip(host, device, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    a, b = checkpoint(runs["host"].out_dir)["model"], checkpoint(runs["device"].out_dir)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 def test_compile_trains_and_checkpoints_keep_plain_weight_names(make_config, monkeypatch):

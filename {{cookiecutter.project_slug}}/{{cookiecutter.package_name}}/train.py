@@ -74,16 +74,21 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None, foreach=None if fused else True)
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_gradients(params: list[nn.Parameter], max_norm: float, on_host: bool = False) -> torch.Tensor:
     """Essential 4: clip the total gradient norm to ``max_norm`` (0 = off); return the norm before clipping.
 
     The same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (a test checks it), in two
     multi-tensor kernels without its per-call grouping work: half its cost on small models.
+    ``on_host``: the gradients are in host memory (see ``reads_are_free``), so the norm is
+    read and the gradients are scaled only when it is over ``max_norm``.
     """
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if max_norm > 0:
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        if not on_host:
+            torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        elif (factor := max_norm / (norm.item() + 1e-6)) < 1.0:  # False for a NaN norm too
+            torch._foreach_mul_(grads, factor)
     return norm
 
 
@@ -115,6 +120,15 @@ def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None
             del optimizer.grad_scale, optimizer.found_inf
     elif not skip.item():  # any other optimizer: one host read per step
         optimizer.step()
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """True where the device is the host (the CPU): reading a value there is a memory read, not a sync.
+
+    The loop then decides clipping and skipping in Python instead of with tensor flags and the
+    fused optimizer's skip; on a small model that saves about 10% of every step.
+    """
+    return device.type == "cpu"
 
 
 def resume_checkpoint_path(cfg: Config) -> Path | None:
@@ -201,6 +215,9 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         model = compile_model(model, device)
+    # One process on the CPU: clipping and skipping read their values on the host (see reads_are_free).
+    # Under torchrun every rank must skip together, which the device path's all-reduce ensures.
+    host_decides = reads_are_free(device) and not ctx.enabled
 
     step, best_metric, best_step, last_metrics = 0, None, None, {}
     # Per-step values (loss, grad norm, skipped, bad) stay on the device until a log, eval
@@ -283,7 +300,10 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
         nonlocal bad_streak, skipped_total
         if not on_device["loss"]:
             return
-        rows = torch.stack([torch.stack(on_device[k]).float() for k in SERIES]).T
+        # Tensors, except the flags decided on the host (Python floats) when host_decides.
+        rows = torch.stack(
+            [torch.stack(v).float() if torch.is_tensor(v[0]) else torch.tensor(v) for v in on_device.values()]
+        ).T
         if ctx.enabled:  # the mean over ranks (grad norms and flags are the same on every rank)
             torch.distributed.all_reduce(rows)
             rows /= ctx.world_size
@@ -349,10 +369,9 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
 
             if scaler is not None:
                 scaler.unscale_(optimizer)  # once per step, before clipping sees the gradients
-            grad_norm = clip_gradients(params, cfg.clip_grad_norm)
+            grad_norm = clip_gradients(params, cfg.clip_grad_norm, host_decides)
             lr_used = optimizer.param_groups[0]["lr"]
-            # "bad" is 1.0 when a value is inf/NaN, else 0.0, computed on the device with no host
-            # read: x * 0 is 0 for a finite x and NaN otherwise.
+            # A step whose loss or gradient norm is inf/NaN is skipped; "bad" records it (1.0, else 0.0).
             if scaler is not None:
                 # fp16: the scaler skips steps whose gradients overflowed; that is its normal
                 # calibration, so only a non-finite loss counts as bad. One host read per step
@@ -365,7 +384,13 @@ def _train(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str
                     scheduler.step()
                 fp16_scale = new_scale
                 bad = torch.nan_to_num(step_loss * 0, nan=1.0)
-            else:
+            elif host_decides:  # the CPU, one process: the values are in host memory, read them
+                bad = float(not math.isfinite(step_loss.item() + grad_norm.item()))
+                if not bad:
+                    optimizer.step()
+                skipped = bad
+                scheduler.step()  # also after a skipped step: the skip is rare and stops the run if repeated
+            else:  # GPUs: decided on the device with no host read (x * 0 is 0 if x is finite, else NaN)
                 bad = torch.nan_to_num((step_loss + grad_norm) * 0, nan=1.0)
                 if ctx.enabled:
                     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank skips, or none
