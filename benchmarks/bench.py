@@ -1,6 +1,6 @@
 """How much the generated loop costs over a bare loop, measured side by side.
 
-    scripts/bench [--rounds N] [--quick]
+    scripts/bench [--rounds N] [--quick | --smoke]
 
 Bakes a project from this checkout, then for each task, precision and
 accumulation setting trains the same model on the same data for the same
@@ -52,8 +52,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per setting (median of these)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps, for a rough look")
+    parser.add_argument("--smoke", action="store_true", help="one round of a few steps: checks that it runs, no more")
     args = parser.parse_args()
-    rounds = 3 if args.quick else args.rounds
+    rounds = 1 if args.smoke else 3 if args.quick else args.rounds
+    divisor = 30 if args.smoke else 3 if args.quick else 1
 
     with tempfile.TemporaryDirectory(prefix="blank-loop-bench-") as tmp:
         project = bake(Path(tmp))
@@ -69,12 +71,13 @@ def main() -> int:
         device = mods["precision"].resolve_device("auto")
         results = []
         for task in TASKS.values():
-            steps = task.steps // (3 if args.quick else 1)
+            steps = max(2, task.steps // divisor)
             for precision in ("fp32", "bf16"):
                 for accum in (1, 4):
                     results.append(measure_training(mods, task, device, precision, accum, steps, rounds, Path(tmp)))
-        extras = measure_eval_and_save(mods, TASKS["transformer"], device, rounds, Path(tmp))
-    report(results, extras, device)
+        # Evaluation and saving take a fraction of a second: more rounds for a steadier median.
+        extras = measure_eval_and_save(mods, TASKS["transformer"], device, 3 * rounds, Path(tmp))
+    report(results, extras, device, rounds)
     return 0
 
 
@@ -235,8 +238,8 @@ def peak_flops(device, precision: str) -> float | None:
     return None
 
 
-def report(rows: list[dict], extras: dict, device) -> None:
-    print(f"\nblank-loop benchmark on {device.type}, 1 thread, median of interleaved rounds\n")
+def report(rows: list[dict], extras: dict, device, rounds: int) -> None:
+    print(f"\nblank-loop benchmark on {device.type}, 1 thread, median of {rounds} interleaved round(s)\n")
     head = "| task | precision | accum | bare steps/s | loop steps/s | loop / bare | target |"
     print(head)
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")

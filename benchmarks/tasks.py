@@ -70,8 +70,13 @@ def lm_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def lm_sums(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    per_sequence = F.cross_entropy(output.float().transpose(1, 2), target, reduction="none").mean(dim=1)
-    return {"val_loss": per_sequence.sum(), "val_acc": (output.argmax(dim=-1) == target).float().mean(dim=1).sum()}
+    # Per-sequence means, summed over the batch (every sequence has the same length).
+    length = target.shape[1]
+    loss_sum = F.cross_entropy(output.flatten(0, 1).float(), target.flatten(), reduction="sum")
+    # A token is right when its target's logit is the largest: argmax up to exact ties, and on
+    # the CPU about 15x faster than argmax over a 256-token vocabulary.
+    right = output.gather(-1, target.unsqueeze(-1)).squeeze(-1) >= output.amax(dim=-1)
+    return {"val_loss": loss_sum / length, "val_acc": right.sum() / length}
 
 
 def lm_flops_per_sample(cfg) -> float:
@@ -110,7 +115,7 @@ TASKS = {
     "transformer": Task(
         "transformer",
         ("batch_size=16", "train_size=1024", "val_size=256"),
-        16,
+        32,
         lm_data,
         lambda cfg: TinyLM(),
         lm_loss,

@@ -1,0 +1,31 @@
+"""The benchmark runs and reports every setting. Its figures are measured on purpose, by hand (README, Speed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import TEMPLATE
+
+
+def test_benchmark_smoke_run_reports_every_setting(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(TEMPLATE / "benchmarks" / "bench.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # the baked project and its runs
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    settings = {(row["task"], row["precision"], row["accum_steps"]) for row in report["training"]}
+    assert settings == {(t, p, a) for t in ("mlp", "transformer") for p in ("fp32", "bf16") for a in (1, 4)}
+    for row in report["training"]:
+        assert row["bare_steps_per_s"] > 0 and row["loop_steps_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["loop_steps_per_s"] / row["bare_steps_per_s"], abs=0.01)
+    assert report["eval_ratio"] > 0 and report["save_ratio"] > 0 and report["checkpoint_mb"] > 1
+    assert "| mlp | fp32 | 1 |" in result.stdout
