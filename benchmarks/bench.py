@@ -50,7 +50,9 @@ def bake(where: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per setting (median of these)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds per setting, times the task's rounds_multiplier"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps, for a rough look")
     parser.add_argument("--smoke", action="store_true", help="one round of a few steps: checks that it runs, no more")
     args = parser.parse_args()
@@ -74,10 +76,12 @@ def main() -> int:
             steps = max(2, task.steps // divisor)
             for precision in ("fp32", "bf16"):
                 for accum in (1, 4):
-                    results.append(measure_training(mods, task, device, precision, accum, steps, rounds, Path(tmp)))
+                    row = measure_training(mods, task, device, precision, accum, steps,
+                                           rounds * task.rounds_multiplier, Path(tmp))  # fmt: skip
+                    results.append(row)
         # Evaluation and saving take a fraction of a second: more rounds for a steadier median.
         extras = measure_eval_and_save(mods, TASKS["transformer"], device, 3 * rounds, Path(tmp))
-    report(results, extras, device, rounds)
+    report(results, extras, device)
     return 0
 
 
@@ -162,7 +166,7 @@ def measure_training(mods, task, device, precision, accum, steps, rounds, tmp: P
     bare_sps, loop_sps = statistics.median(bare), statistics.median(loop)
     row = {"task": task.name, "precision": precision, "accum_steps": accum, "steps": steps,
            "bare_steps_per_s": round(bare_sps, 1), "loop_steps_per_s": round(loop_sps, 1),
-           "ratio": round(loop_sps / bare_sps, 3), "target": TARGETS[task.name][accum]}  # fmt: skip
+           "ratio": round(loop_sps / bare_sps, 3), "target": TARGETS[task.name][accum], "rounds": rounds}  # fmt: skip
     if device.type == "cuda":
         cfg = make_config(mods, task, device, precision, accum, steps, tmp / "x")
         samples = cfg.batch_size * accum
@@ -238,8 +242,9 @@ def peak_flops(device, precision: str) -> float | None:
     return None
 
 
-def report(rows: list[dict], extras: dict, device, rounds: int) -> None:
-    print(f"\nblank-loop benchmark on {device.type}, 1 thread, median of {rounds} interleaved round(s)\n")
+def report(rows: list[dict], extras: dict, device) -> None:
+    rounds = ", ".join(sorted({f"{r['task']} {r['rounds']}" for r in rows}))
+    print(f"\nblank-loop benchmark on {device.type}, 1 thread, medians of interleaved rounds ({rounds})\n")
     head = "| task | precision | accum | bare steps/s | loop steps/s | loop / bare | target |"
     print(head)
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
