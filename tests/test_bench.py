@@ -26,6 +26,7 @@ def test_benchmark_smoke_run_reports_every_setting(tmp_path):
     assert settings == {(t, p, a) for t in ("mlp", "transformer") for p in ("fp32", "bf16") for a in (1, 4)}
     for row in report["training"]:
         assert row["bare_steps_per_s"] > 0 and row["loop_steps_per_s"] > 0
-        assert row["ratio"] == pytest.approx(row["loop_steps_per_s"] / row["bare_steps_per_s"], abs=0.01)
+        # steps/s are rounded to 0.1, which moves the slowest settings (about 4 steps/s) by up to 3%
+        assert row["ratio"] == pytest.approx(row["loop_steps_per_s"] / row["bare_steps_per_s"], rel=0.05)
     assert report["eval_ratio"] > 0 and report["save_ratio"] > 0 and report["checkpoint_mb"] > 1
     assert "| mlp | fp32 | 1 |" in result.stdout
