@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.config import Config, load_config
 from {{ cookiecutter.package_name }}.metrics import read_metrics
@@ -21,19 +22,6 @@ def make_config(tmp_path):
         return load_config(SMOKE, [f"out_dir={tmp_path / name}", "device=cpu", *overrides])
 
     return make
-
-
-@pytest.fixture(params=["host", "device"])
-def step_path(request, monkeypatch):
-    """Run a test on both ways the loop decides clipping and skipping: "host" (what the CPU uses,
-    reading values each step) and "device" (what GPUs use: flags on the device, no per-step reads)."""
-    if request.param == "device":
-        force_device_path(monkeypatch)
-    return request.param
-
-
-def force_device_path(monkeypatch) -> None:
-    monkeypatch.setattr(train_module, "reads_are_free", lambda device: False)
 
 
 def nan_loss_on(
@@ -53,6 +41,19 @@ def nan_loss_on(
         return value + float("inf") if finite_gradients else value * float("nan")
 
     monkeypatch.setattr(train_module, "compute_loss", loss)
+
+
+def record_saves(monkeypatch) -> list[tuple[str, int]]:
+    """(file name, step) of every checkpoint the loop writes, in order."""
+    saved = []
+    real_save = checkpoint_module.save_checkpoint
+
+    def save(state, path):
+        saved.append((path.name, state["step"]))
+        real_save(state, path)
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save)
+    return saved
 
 
 def checkpoint(out_dir: str | Path, name: str = "last.pt") -> dict:

@@ -1,23 +1,36 @@
-"""Essential 6 (the saving half): crash-safe checkpoints.
+"""Essential 6 (the saving half): crash-safe checkpoints, and what they hold.
 
 A checkpoint is written to a temporary file in the same folder, flushed to
 disk (fsync), then renamed over the old one with ``os.replace``, which is
 atomic: a crash at any moment leaves either the old file or the new one,
 never half of one. Checkpoints hold tensors, numbers, strings, lists and
 dicts only, so ``torch.load(path, weights_only=True)`` reads them.
+
+``save_training`` writes everything a run needs to continue exactly (model,
+optimizer, schedule, GradScaler, data position, every RNG stream, the config
+and the loop's own counters in a ``RunState``); ``restore_training`` puts it
+back and returns the ``RunState``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .config import Config, to_dict
+from .distributed import Dist
+from .seed import rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
 
 FORMAT = "{{ cookiecutter.package_name }}-checkpoint-v1"
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "config", "step", "best_metric")
@@ -128,3 +141,103 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], path
             f"checkpoint {path} does not fit the model built from the config: {'; '.join(problems[:3])}{more}"
         )
     unwrap(model).load_state_dict(state_dict)
+
+
+@dataclass
+class RunState:
+    """Where the run stands: the loop's own counters, saved in every checkpoint and restored on resume."""
+
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    best_metric: float | None = None  # the best value of cfg.monitor so far
+    best_step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
+    bad_streak: int = 0  # consecutive steps with a non-finite loss or gradient
+    skipped_total: int = 0  # optimizer steps skipped for non-finite gradients
+    unlogged: list[list[float]] = field(default_factory=list)  # [step, loss, grad_norm, skipped, bad] rows
+
+
+def save_training(
+    path: Path, cfg: Config, ctx: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    scaler: torch.amp.GradScaler, batches: Any, run: RunState,
+) -> None:  # fmt: skip
+    """Write everything needed to continue exactly. Every rank calls it; rank 0 writes."""
+    rng = ctx.gather(rng_state())  # every rank's random streams; a collective
+    error = None
+    if ctx.is_main:
+        state = {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),  # {} unless fp16
+            "config": to_dict(cfg),
+            "step": run.step,
+            "best_metric": run.best_metric,
+            "metrics": run.metrics,
+            "progress": {
+                "data": batches.state_dict(cfg.batch_size * ctx.world_size),
+                "best_step": run.best_step,
+                "bad_streak": run.bad_streak,
+                "skipped_total": run.skipped_total,
+                "unlogged_steps": run.unlogged,
+            },
+            "rng": rng,
+        }
+        try:
+            save_checkpoint(state, path)
+        except CheckpointError as e:
+            error = e
+    if ctx.agree_max(error is not None):  # every rank stops when rank 0 could not save
+        raise error or CheckpointError(f"rank 0 could not save {path}")
+
+
+def restore_training(
+    saved: dict[str, Any], path: Path, cfg: Config, ctx: Dist, optimizer: torch.optim.Optimizer, scheduler: Any,
+    scaler: torch.amp.GradScaler, batches: Any,
+) -> RunState:  # fmt: skip
+    """Put a checkpoint's optimizer, schedule, scaler, data position and RNG streams back; return its RunState.
+
+    The model's weights are loaded before it is wrapped and moved (``load_model_state``).
+    """
+    try:
+        load_optimizer_state(optimizer, saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if saved["scaler"]:  # empty when saved without fp16: the new GradScaler starts fresh
+            scaler.load_state_dict(saved["scaler"])
+        progress = saved["progress"]
+        batches.load_state_dict(progress["data"], cfg.batch_size * ctx.world_size)
+        run = RunState(
+            step=saved["step"],
+            best_metric=saved["best_metric"],
+            best_step=progress["best_step"],
+            metrics=saved.get("metrics") or {},
+            bad_streak=progress["bad_streak"],
+            skipped_total=progress["skipped_total"],
+            unlogged=progress["unlogged_steps"],
+        )
+        rng = saved["rng"]
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from None
+    if len(rng) == ctx.world_size:
+        set_rng_state(rng[ctx.rank])
+    else:  # another world size: fresh streams, still a function of the seed
+        log.warning("resume: saved by %d process(es), now %d; random streams restart", len(rng), ctx.world_size)
+        seed_everything(cfg.seed + ctx.rank + 1_000_003 * run.step)
+    return run
+
+
+# How the optimizer runs on this device, not what it has learned: never taken from a checkpoint.
+OPTIMIZER_FLAGS = ("fused", "foreach", "capturable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load moments and hyperparameters, keeping this optimizer's kernel flags.
+
+    ``optimizer.load_state_dict`` would restore the saving machine's flags: a checkpoint written
+    where AdamW ran ``foreach`` would switch a fused one off, or the reverse. The flags are set to
+    this optimizer's before loading, so the state is also placed as its kernels expect.
+    """
+    groups = [
+        {**saved_group, **{flag: group[flag] for flag in OPTIMIZER_FLAGS if flag in group}}
+        for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=False)
+    ]  # a different number of groups is reported by load_state_dict
+    optimizer.load_state_dict({**saved, "param_groups": groups + saved["param_groups"][len(groups) :]})

@@ -64,7 +64,10 @@ def setup(device_name: str, timeout_minutes: float) -> tuple[Dist, torch.device]
     """Join the process group when launched by torchrun with several processes; pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return Dist(), resolve_device(device_name)
+        device = resolve_device(device_name)
+        if device.type == "cuda":  # the current GPU is where pinned memory, the bf16 check and new tensors go
+            torch.cuda.set_device(device)
+        return Dist(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device_name.startswith("cuda:"):
         raise ConfigError(

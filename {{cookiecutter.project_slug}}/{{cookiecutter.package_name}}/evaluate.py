@@ -28,7 +28,9 @@ from .task import metric_sums
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: a tensor that the model caches during evaluation (rotary tables,
+# masks) would otherwise become an inference tensor and break the next training backward.
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision) -> dict[str, float]:
     """Mean of each metric over the whole validation set (sums / samples, read once at the end)."""
     was_training = model.training

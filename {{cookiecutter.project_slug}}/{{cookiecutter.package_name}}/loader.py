@@ -104,6 +104,11 @@ def build_loaders(
             f"the training set has {len(train_set)} samples ({len(sampler)} per process), "
             f"fewer than one batch of batch_size={cfg.batch_size}"
         )
+    if len(val_set) < world_size:
+        raise ConfigError(
+            f"the validation set has {len(val_set)} sample(s), fewer than the {world_size} process(es) "
+            "that each evaluate a part of it"
+        )
     common = dict(
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",

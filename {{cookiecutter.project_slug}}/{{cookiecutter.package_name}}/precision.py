@@ -40,9 +40,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def allow_tf32(device: torch.device, enabled: bool) -> None:
-    """Let fp32 matmuls use TF32 tensor cores on CUDA GPUs that have them (no effect elsewhere)."""
-    if device.type == "cuda" and enabled:
-        torch.set_float32_matmul_precision("high")
+    """On CUDA, let fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and newer), or forbid both."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled  # on by default in torch: tf32=false must turn it off too
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,15 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
-    def make_scaler(self) -> torch.amp.GradScaler | None:
-        return torch.amp.GradScaler(self.device_type) if self.needs_scaler else None
+    def make_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler for fp16; for bf16 and fp32 a disabled one (its methods do nothing): one path in the loop."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.needs_scaler)
 
 
-def _bf16_supported(device: torch.device) -> bool:
+def _bf16_supported(device: torch.device, emulated_too: bool = False) -> bool:
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Counting emulation, torch says yes on pre-Ampere GPUs too, where bf16 has no tensor cores and crawls.
+        return torch.cuda.is_bf16_supported(including_emulation=emulated_too)
     return (
         device.type == "mps"
         and hasattr(torch.backends.mps, "is_macos_or_newer")
@@ -87,6 +90,6 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
             name = "fp16"
     else:
         name = requested
-    if name == "bf16" and device.type != "cpu" and not _bf16_supported(device):
+    if name == "bf16" and device.type != "cpu" and not _bf16_supported(device, emulated_too=True):
         raise ConfigError(f"precision bf16 is not supported on {device}; use precision=fp16 or auto")
     return Precision(name, device.type)
