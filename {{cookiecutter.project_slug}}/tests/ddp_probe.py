@@ -1,34 +1,48 @@
-"""Run by torchrun in tests/test_distributed.py: train, counting gradient all-reduces per rank.
+"""Run by torchrun in tests/test_distributed.py: train, counting what each rank sends to the others.
 
 usage: torchrun --nproc_per_node=N tests/ddp_probe.py OUT_DIR [key=value ...]
-Writes OUT_DIR/probe-rank{R}.pid at start and OUT_DIR/probe-rank{R}.json at the end
-(exit code, optimizer steps, all-reduce calls), then exits with train's exit code.
+Writes OUT_DIR/probe-rank{R}.pid at start and OUT_DIR/probe-rank{R}.json at the end: the exit
+code, DDP's gradient all-reduces, the optimizer steps taken, and every other collective by the
+optimizer step it came after. Then exits with train's exit code.
+Faults to inject, from the environment: PROBE_NAN_AT=RANK:STEP makes that rank's loss NaN in the
+first micro-batch of that optimizer step; PROBE_CONFIG_ERROR_ON=RANK raises a ConfigError on that
+rank alone while the datasets are built.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from {{ cookiecutter.package_name }} import train as train_module
+from {{ cookiecutter.package_name }}.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
+               "reduce", "gather", "gather_object", "scatter", "reduce_scatter", "all_to_all")  # fmt: skip
 
 
 class CountingDDP(torch.nn.parallel.DistributedDataParallel):
     allreduce_calls = 0
+    in_hook = False  # the hook's own all_reduce is counted here, not with the other collectives
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
 
         def counting_hook(state, bucket):
             CountingDDP.allreduce_calls += 1
-            return allreduce_hook(state, bucket)
+            CountingDDP.in_hook = True
+            try:
+                return allreduce_hook(state, bucket)
+            finally:
+                CountingDDP.in_hook = False
 
         self.register_comm_hook(None, counting_hook)
 
@@ -36,13 +50,61 @@ class CountingDDP(torch.nn.parallel.DistributedDataParallel):
 def main() -> int:
     out_dir = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
+    overrides = dict(arg.split("=", 1) for arg in sys.argv[2:])
+    accum_steps = int(overrides.get("accum_steps", 1))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"probe-rank{rank}.pid").write_text(str(os.getpid()))
     torch.nn.parallel.DistributedDataParallel = CountingDDP  # train.py builds it through torch.nn.parallel
+
+    micro_batches = {"n": 0}
+    collectives: collections.Counter = collections.Counter()
+    steps_taken = {"n": 0}
+
+    def counted(original):
+        def collective(*args, **kwargs):
+            if not CountingDDP.in_hook:
+                collectives[micro_batches["n"] // accum_steps] += 1  # the optimizer step it follows
+            return original(*args, **kwargs)
+
+        return collective
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counted(getattr(dist, name)))
+
+    nan_rank, _, nan_step = os.environ.get("PROBE_NAN_AT", "-1:-1").partition(":")
+    real_loss = train_module.compute_loss
+
+    def loss(output, target):
+        micro_batches["n"] += 1
+        value = real_loss(output, target)
+        if rank == int(nan_rank) and micro_batches["n"] == (int(nan_step) - 1) * accum_steps + 1:
+            value = value * float("nan")
+        return value
+
+    train_module.compute_loss = loss
+    real_step = train_module.optimizer_step
+
+    def counting_step(optimizer, skip):
+        steps_taken["n"] += int(not skip.item())
+        real_step(optimizer, skip)
+
+    train_module.optimizer_step = counting_step
+    if os.environ.get("PROBE_CONFIG_ERROR_ON") == str(rank):
+
+        def failing_datasets(cfg):
+            raise ConfigError("the data folder is missing on this node")
+
+        train_module.build_datasets = failing_datasets
+
     code = train_module.main(["--config", str(ROOT / "configs" / "smoke.yaml"), f"out_dir={out_dir}", *sys.argv[2:]])
     (out_dir / f"probe-rank{rank}.json").write_text(
-        json.dumps({"exit_code": code, "allreduce_calls": CountingDDP.allreduce_calls})
-    )
+        json.dumps({
+            "exit_code": code,
+            "allreduce_calls": CountingDDP.allreduce_calls,
+            "steps_taken": steps_taken["n"],
+            "collectives_after_step": collectives,
+        })
+    )  # fmt: skip
     return code
 
 

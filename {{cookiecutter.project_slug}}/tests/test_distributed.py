@@ -16,17 +16,17 @@ from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.train import train
 
-from .conftest import ROOT, checkpoint
+from .conftest import ROOT, checkpoint, nan_loss_on
 
 pytestmark = pytest.mark.distributed
 
 
-def torchrun(out_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
+def torchrun(out_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
          str(ROOT / "tests" / "ddp_probe.py"), str(out_dir), "device=cpu", *overrides],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})},
     )  # fmt: skip
 
 
@@ -34,22 +34,25 @@ def probes(out_dir: Path, nproc: int = 2) -> list[dict]:
     return [json.loads((out_dir / f"probe-rank{rank}.json").read_text()) for rank in range(nproc)]
 
 
-def test_two_processes_equal_one_process_with_twice_the_batch(make_config, tmp_path):
-    common = ["precision=fp32", "dropout=0", "max_steps=12", "warmup_steps=2", "accum_steps=2", "log_every=1",
+def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monkeypatch, tmp_path):
+    common = ["precision=fp32", "dropout=0", "max_steps=12", "warmup_steps=2", "accum_steps=2", "log_every=3",
               "eval_every=6", "ckpt_every=6"]  # fmt: skip
     out_dir = tmp_path / "ddp"
-    process = torchrun(out_dir, *common, "batch_size=16")
+    # A NaN loss on rank 1 alone, in step 5: its gradients reach rank 0 through DDP's all-reduce.
+    process = torchrun(out_dir, *common, "batch_size=16", env={"PROBE_NAN_AT": "1:5"})
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
     assert "batch:      64 samples per optimizer step = 16 x 2 accum x 2 process(es)" in output
 
     reference = make_config(*common, "batch_size=32", name="single")
+    nan_loss_on(monkeypatch, steps={9})  # the first micro-batch of step 5 (accum_steps=2)
     train(reference)
 
     # One metrics.jsonl, written once: no record twice, the same records as one process.
     records = read_metrics(out_dir / "metrics.jsonl")
     keys = [(r["step"], "val_loss" in r) for r in records]
-    assert len(keys) == len(set(keys)) == 12 + 2
+    assert len(keys) == len(set(keys)) == 4 + 2
+    assert [r["skipped"] for r in records if "skipped" in r] == [0, 1, 0, 0]
     single = read_metrics(Path(reference.out_dir) / "metrics.jsonl")
     for ours, theirs in zip(records, single, strict=True):
         assert ours.keys() == theirs.keys() and ours["step"] == theirs["step"]
@@ -65,8 +68,13 @@ def test_two_processes_equal_one_process_with_twice_the_batch(make_config, tmp_p
     assert records[-1]["val_loss"] == pytest.approx(measured_alone["val_loss"], rel=1e-6)  # fp32 batch sums
     assert records[-1]["val_acc"] == measured_alone["val_acc"]
 
-    # Gradients were all-reduced once per optimizer step, not once per micro-batch.
+    # Gradients were all-reduced once per optimizer step, not once per micro-batch; every rank skipped step 5.
     assert [p["allreduce_calls"] for p in probes(out_dir)] == [12, 12]
+    assert [p["steps_taken"] for p in probes(out_dir)] == [11, 11]
+    # Between log, eval and checkpoint steps (every 3rd here) the ranks exchange nothing but gradients.
+    for probe in probes(out_dir):
+        steps_with_collectives = {int(step) for step in probe["collectives_after_step"]}
+        assert steps_with_collectives - {0} <= {3, 6, 9, 12}, probe["collectives_after_step"]
     assert not list(out_dir.glob("*.tmp"))
 
 
@@ -93,3 +101,20 @@ def test_sigterm_to_one_rank_stops_every_rank_and_resumes_in_one_process(make_co
     assert summary["step"] == stopped_at + 10 and summary["exit_code"] == 0
     data = checkpoint(out_dir)["progress"]["data"]
     assert data["samples_in_epoch"] % 64 == 0
+
+
+def test_a_config_that_cannot_be_sharded_is_one_line_on_every_rank(tmp_path):
+    process = torchrun(tmp_path / "ddp", "val_size=1")
+    output, _ = process.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(tmp_path / "ddp")] == [2, 2], output
+    for rank in (0, 1):
+        assert f"error (rank {rank}): the validation set has 1 sample(s), fewer than the 2 process(es)" in output
+    assert "{{ cookiecutter.package_name }}/" not in output  # no traceback through our code (torchrun prints its own)
+
+
+def test_an_error_on_one_rank_only_is_printed_with_its_rank(tmp_path):
+    process = torchrun(tmp_path / "ddp", "dist_timeout_minutes=1", env={"PROBE_CONFIG_ERROR_ON": "1"})
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "error (rank 1): the data folder is missing on this node" in output, output
+    assert json.loads((tmp_path / "ddp" / "probe-rank1.json").read_text())["exit_code"] == 2

@@ -1,0 +1,119 @@
+"""What GPUs and other machines run, checked on the CPU wherever the CPU can express it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from {{ cookiecutter.package_name }} import distributed
+from {{ cookiecutter.package_name }} import train as train_module
+from {{ cookiecutter.package_name }}.evaluate import evaluate
+from {{ cookiecutter.package_name }}.precision import Precision, allow_tf32, resolve_precision
+from {{ cookiecutter.package_name }}.train import train
+
+from .conftest import checkpoint, train_records
+
+
+class InBfloat16(nn.Module):
+    """A model whose weights are bf16 (``model.to(torch.bfloat16)``), as people train big models without autocast."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(torch.bfloat16))
+
+
+def test_a_model_cast_to_bf16_trains_and_skips_a_nan_step(make_config, monkeypatch):
+    # Its loss and gradient norm are bf16; the fused optimizer's skip flag must still be float32.
+    real_build = train_module.build_model
+    monkeypatch.setattr(train_module, "build_model", lambda cfg: InBfloat16(real_build(cfg)))
+    calls = {"n": 0}
+
+    def bf16_loss(output, target):
+        calls["n"] += 1
+        loss = F.cross_entropy(output, target)  # computed in bf16: no .float()
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_module, "compute_loss", bf16_loss)
+    cfg = make_config("precision=fp32", "max_steps=6", "warmup_steps=0", "log_every=1", "eval_every=6")
+    assert train(cfg)["skipped_steps"] == 1
+    assert [r["skipped"] for r in train_records(cfg.out_dir)] == [0, 0, 1, 0, 0, 0]
+    saved = checkpoint(cfg.out_dir)
+    assert saved["optimizer"]["state"][0]["step"] == 5
+    assert all(value.dtype == torch.bfloat16 for value in saved["model"].values())
+
+
+@pytest.mark.parametrize(("saved_with", "resumed_with"), [("other", "fused"), ("fused", "other")])
+def test_resume_keeps_this_machines_optimizer_kernels(make_config, monkeypatch, saved_with, resumed_with):
+    # "other": AdamW without its fused kernel, as on a device that lacks one. A checkpoint carries its
+    # param groups' flags; loading them must not switch this machine's kernels.
+    built = []
+    real_build = train_module.build_optimizer
+
+    def builder(kind: str):
+        def build_optimizer(model, cfg, device):
+            built.append(real_build(model, cfg, device if kind == "fused" else torch.device("meta")))
+            return built[-1]
+
+        return build_optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", builder(saved_with))
+    train(make_config("max_steps=4", "warmup_steps=0"))
+    monkeypatch.setattr(train_module, "build_optimizer", builder(resumed_with))
+    assert train(make_config("max_steps=8", "warmup_steps=0", "resume=auto"))["step"] == 8
+    fused = True if resumed_with == "fused" else None
+    assert [(group["fused"], group["foreach"]) for group in built[-1].param_groups] == [(fused, None)] * 2
+    assert checkpoint(make_config().out_dir)["optimizer"]["state"][0]["step"] == 8
+
+
+def test_a_tensor_cached_during_evaluation_can_be_trained_through():
+    # Rotary tables and masks are often built on first use; evaluation must not make them inference tensors.
+    class LazyScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.cache = nn.Linear(4, 3), None
+
+        def forward(self, x):
+            h = self.linear(x)
+            if self.cache is None:
+                self.cache = torch.ones(h.shape[-1])
+            return h * self.cache
+
+    model = LazyScale()
+    data = [(torch.randn(8, 4), torch.randint(3, (8,)))]
+    evaluate(model, data, torch.device("cpu"), Precision("fp32", "cpu"))
+    F.cross_entropy(model(torch.randn(8, 4)), torch.randint(3, (8,))).backward()
+    assert model.linear.weight.grad is not None
+
+
+def test_precision_auto_picks_fp16_on_gpus_that_only_emulate_bf16(monkeypatch):
+    # Pre-Ampere GPUs (V100, T4): torch counts bf16 as supported through emulation, slow and without tensor cores.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    gpu = torch.device("cuda", 0)
+    assert resolve_precision("auto", gpu).name == "fp16"
+    assert resolve_precision("bf16", gpu).name == "bf16"  # asked for by name: allowed, it works
+
+
+def test_one_process_on_gpu_n_makes_it_the_current_gpu(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx, device = distributed.setup("cuda:1", timeout_minutes=1)
+    assert device == torch.device("cuda", 1) and chosen == [device] and not ctx.enabled
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_tf32_switch_covers_matmuls_and_convolutions(enabled):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not enabled
+        allow_tf32(torch.device("cuda", 0), enabled)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
