@@ -66,6 +66,32 @@ def test_accumulation_equals_one_big_batch(make_config):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def test_each_step_sees_only_its_own_gradients(make_config, monkeypatch):
+    # A model whose loss has gradient exactly 1 for its one weight, on every micro-batch: the
+    # optimizer must see 1 at every step (accum_steps micro-batches of 1 / accum_steps each).
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return self.weight.expand(len(x))
+
+    seen = []
+    real_step = train_module.optimizer_step
+
+    def spy(optimizer, skip):
+        seen.append(optimizer.param_groups[1]["params"][0].grad.item())
+        real_step(optimizer, skip)
+
+    monkeypatch.setattr(train_module, "build_model", lambda cfg: Constant())
+    monkeypatch.setattr(train_module, "compute_loss", lambda output, target: output.mean())
+    monkeypatch.setattr(train_module, "optimizer_step", spy)
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_acc": 0.0})
+    train(make_config("max_steps=5", "warmup_steps=0", "accum_steps=2", "clip_grad_norm=0", "eval_every=5"))
+    assert seen == [1.0] * 5
+
+
 # --- 4. clipping ---
 
 
@@ -74,18 +100,34 @@ def test_clipping_bounds_the_norm_and_reports_the_norm_before_it():
     for p in model.parameters():
         p.grad = torch.full_like(p, 10.0)
     expected = math.sqrt(100.0 * sum(p.numel() for p in model.parameters()))
-    reported = clip_gradients(model, max_norm=1.0)
+    reported = clip_gradients(list(model.parameters()), max_norm=1.0)
     assert reported.item() == pytest.approx(expected, rel=1e-6)
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert after.item() == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("max_norm", [0.0, 0.1, 1.0, 1e6])
+def test_clipping_matches_torch_clip_grad_norm(max_norm):
+    torch.manual_seed(0)
+    ours, reference = torch.nn.Linear(8, 5), torch.nn.Linear(8, 5)
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        a.grad = torch.randn_like(a) * 3
+        b.grad = a.grad.clone()
+    norm = clip_gradients(list(ours.parameters()), max_norm)
+    expected = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+    if max_norm > 0:
+        expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+    torch.testing.assert_close(norm, expected)
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 @pytest.mark.parametrize("max_norm", [0.0, 1.0])
 def test_clipping_leaves_out_parameters_without_gradients(max_norm):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    assert clip_gradients(model, max_norm).item() == 0.0  # no gradient at all yet: no error
+    assert clip_gradients(list(model.parameters()), max_norm).item() == 0.0  # no gradient at all yet: no error
     model[1].weight.grad = torch.full_like(model[1].weight, 2.0)  # one parameter has a gradient
-    assert clip_gradients(model, max_norm).item() == pytest.approx(math.sqrt(4.0 * 6))
+    assert clip_gradients(list(model.parameters()), max_norm).item() == pytest.approx(math.sqrt(4.0 * 6))
 
 
 def test_the_optimizer_steps_with_clipped_gradients(make_config, monkeypatch):
@@ -115,7 +157,7 @@ def test_clipping_zero_leaves_gradients_alone():
     model = torch.nn.Linear(4, 3)
     for p in model.parameters():
         p.grad = torch.full_like(p, 10.0)
-    norm = clip_gradients(model, max_norm=0)
+    norm = clip_gradients(list(model.parameters()), max_norm=0)
     assert all(torch.equal(p.grad, torch.full_like(p, 10.0)) for p in model.parameters())
     assert norm.item() == pytest.approx(math.sqrt(100.0 * 15))  # still measured and logged
 

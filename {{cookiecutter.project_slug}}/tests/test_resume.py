@@ -15,9 +15,9 @@ import torch
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, save_checkpoint
+from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, RunState, save_checkpoint
 from {{ cookiecutter.package_name }}.metrics import read_metrics
-from {{ cookiecutter.package_name }}.train import TrainingError, main, train
+from {{ cookiecutter.package_name }}.train import TrainingError, main, take_step_values, train
 
 from .conftest import ROOT, SMOKE, assert_same_weights, checkpoint, nan_loss_on, record_saves, train_records
 
@@ -303,6 +303,20 @@ def test_an_inf_loss_with_finite_gradients_is_bad_but_stepped(make_config, monke
     records = train_records(cfg.out_dir)
     assert [r["skipped"] for r in records] == [0] * 6 and "loss" not in records[2]  # no inf in the mean
     assert checkpoint(cfg.out_dir)["optimizer"]["state"][0]["step"] == 6
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_an_overflow_is_bad_except_for_fp16s_scale_search(make_config, fp16):
+    # Rows as read from the device: [loss, grad_norm] of steps 1-4; step 2's gradients overflowed.
+    cfg = make_config("max_bad_steps=2")
+    run = RunState(step=4)
+    take_step_values(run, [[0.5, 1.0], [0.5, float("inf")], [0.4, 1.0], [float("nan"), float("nan")]], fp16, cfg)
+    assert run.skipped_total == 2
+    assert [row[4] for row in run.unlogged] == [0.0, 0.0 if fp16 else 1.0, 0.0, 1.0]  # bad
+    assert run.bad_streak == 1
+    with pytest.raises(TrainingError, match="2 consecutive steps"):
+        run.step = 6
+        take_step_values(run, [[float("inf"), 1.0], [0.3, 1.0]], fp16, cfg)
 
 
 def test_repeated_non_finite_steps_stop_training_and_keep_the_checkpoints(make_config, monkeypatch, capsys):

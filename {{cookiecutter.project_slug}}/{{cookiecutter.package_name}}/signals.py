@@ -1,7 +1,8 @@
 """Preemption: turn SIGTERM and SIGINT into a polite request to stop.
 
 The loop checks ``stop.signum`` after each optimizer step (under torchrun,
-every rank agrees on it first), writes ``last.pt`` and exits with status
+the ranks agree on it at log, evaluation and checkpoint steps, so that every
+rank stops at the same step), writes ``last.pt`` and exits with status
 128 + signal number (143 for SIGTERM, 130 for SIGINT), the code shells and
 schedulers read as "killed by that signal".
 A second Ctrl-C exits at once, without saving.

@@ -73,31 +73,29 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Essential 4: scale the gradients so their total norm is at most ``max_norm`` (0: leave them alone).
 
     Returns the norm before clipping, as a tensor (no host sync). Call it after
-    ``scaler.unscale_``, so that it sees the true gradients. Parameters without a
+    ``scaler.unscale_``, so that it sees the true gradients. The arithmetic of
+    ``torch.nn.utils.clip_grad_norm_`` (a test compares them) at half its cost on a
+    small model: it regroups the gradients twice per call. Parameters without a
     gradient are left out; a model spread over several devices works.
     """
-    params = [p for p in model.parameters() if p.grad is not None]
+    grads_on: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            grads_on.setdefault(p.grad.device, []).append(p.grad)
+    if not grads_on:
+        return torch.zeros(())
+    first = next(iter(grads_on))
+    norms = [norm.to(first) for grads in grads_on.values() for norm in torch._foreach_norm(grads)]
+    total = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
-
-
-def non_finite_flags(step_loss: torch.Tensor, grad_norm: torch.Tensor, fp16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The guard against inf/NaN: (skip, bad), float32 0/1 tensors computed on the device (no host sync).
-
-    skip: the gradients are not finite, so a step would corrupt the weights. Under DDP they were
-    all-reduced, so every rank gets the same flag and skips together.
-    bad: the loss is not finite, or the gradients are not, except with fp16, where the GradScaler
-    overflows on purpose now and then to find its scale (it lowers the scale after such a step).
-    """
-    grads_bad = ~torch.isfinite(grad_norm)
-    loss_bad = ~torch.isfinite(step_loss)
-    bad = loss_bad if fp16 else loss_bad | grads_bad
-    return grads_bad.float(), bad.float()  # float32: what the fused optimizer's found_inf must be
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for device, grads in grads_on.items():
+            torch._foreach_mul_(grads, scale.to(device))
+    return total
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
@@ -116,13 +114,13 @@ def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None
 
 
 class StepValues:
-    """Each step's (loss, grad_norm, skipped, bad), kept on the device until a log, eval or save step reads them."""
+    """Each step's loss and gradient norm, kept on the device until a log, eval or save step reads them."""
 
     def __init__(self) -> None:
         self.pending: list[torch.Tensor] = []
 
-    def add(self, *values: torch.Tensor) -> None:
-        self.pending.append(torch.stack(values))
+    def add(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.pending.append(torch.stack((step_loss, grad_norm)))
 
     def read(self, ctx: distributed.Dist) -> list[list[float]]:
         """One host sync for every step since the last read; under torchrun, the mean over ranks."""
@@ -130,25 +128,33 @@ class StepValues:
             return []
         rows = torch.stack(self.pending).float()
         self.pending.clear()
-        if ctx.enabled:  # grad norms and flags are the same on every rank; losses differ
+        if ctx.enabled:  # grad norms are the same on every rank (all-reduced gradients); losses differ
             torch.distributed.all_reduce(rows)
             rows /= ctx.world_size
         return rows.tolist()
 
 
-def take_step_values(run: RunState, rows: list[list[float]], cfg: Config) -> None:
-    """Add steps read from the device to ``run``; stop after ``max_bad_steps`` bad steps in a row."""
+def take_step_values(run: RunState, rows: list[list[float]], fp16: bool, cfg: Config) -> None:
+    """Add the steps read from the device to ``run``; stop after ``max_bad_steps`` bad steps in a row.
+
+    A step was skipped when its gradient norm is not finite (see the loop). It is bad when its loss is
+    not finite, or its gradients are not, except with fp16, where the GradScaler overflows on purpose
+    now and then to find its scale (it then lowers the scale). A NaN on any rank reaches every rank's
+    mean, so every rank counts the same.
+    """
     first = run.step - len(rows) + 1
-    for offset, (loss, grad_norm, skipped, bad) in enumerate(rows):
-        run.unlogged.append([first + offset, loss, grad_norm, skipped, bad])
-        run.skipped_total += int(skipped)
+    for offset, (loss, grad_norm) in enumerate(rows):
+        skipped = not math.isfinite(grad_norm)
+        bad = not math.isfinite(loss) or (skipped and not fp16)
+        run.unlogged.append([first + offset, loss, grad_norm, float(skipped), float(bad)])
+        run.skipped_total += skipped
         run.bad_streak = run.bad_streak + 1 if bad else 0
         if run.bad_streak >= cfg.max_bad_steps:
             raise TrainingError(
                 f"{run.bad_streak} consecutive steps with a non-finite loss or gradient (last at step "
                 f"{first + offset}); stopping. best.pt and last.pt hold the state from before them"
             )
-    bad_steps = [first + offset for offset, row in enumerate(rows) if row[3]]
+    bad_steps = [int(row[0]) for row in run.unlogged[-len(rows) :] if row[4]] if rows else []
     if bad_steps:
         log.warning("non-finite loss or gradients at step(s) %s", bad_steps)
 
@@ -278,7 +284,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     scheduler = build_scheduler(optimizer, cfg)
     scaler = precision.make_scaler()  # a GradScaler for fp16; for bf16 and fp32 one that does nothing
     batches, val_loader = build_loaders(cfg, train_set, val_set, device, ctx.rank, ctx.world_size)
-    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if p.requires_grad]  # what clipping looks at
     if ctx.enabled:
         seed_everything(cfg.seed + ctx.rank)  # each rank its own dropout/augmentation stream
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -290,7 +296,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
         state = restore_training(saved, resume_from, cfg, ctx, optimizer, scheduler, scaler, batches)
     out_dir = Path(cfg.out_dir)
     metrics_log = prepare_out_dir(cfg, ctx, saved is not None, state.step)
-    describe_run(cfg, device, precision.name, parameters, ctx.world_size,
+    describe_run(cfg, device, precision.name, sum(p.numel() for p in params), ctx.world_size,
                  f"resumed from {resume_from} at step {state.step}" if saved is not None else "")  # fmt: skip
 
     def save(name: str) -> None:
@@ -324,17 +330,19 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
                 step_loss += loss.detach()
 
             scaler.unscale_(optimizer)  # fp16: back to true gradients, before clipping sees them
-            grad_norm = clip_gradients(model, cfg.clip_grad_norm).to(device)
-            skip, bad = non_finite_flags(step_loss, grad_norm, fp16=scaler.is_enabled())
+            grad_norm = clip_gradients(params, cfg.clip_grad_norm).to(device)  # (a CPU 0 if no gradient)
+            # The non-finite guard: a step whose gradients hold an inf or NaN would corrupt the weights,
+            # so it is skipped, on the device. Under DDP the gradients were all-reduced: every rank skips.
+            skip = torch.isfinite(grad_norm).logical_not().float()  # float32, as found_inf must be
             lr = optimizer.param_groups[0]["lr"]
-            optimizer_step(optimizer, skip)  # skipped on the device when the gradients are not finite
+            optimizer_step(optimizer, skip)
             scaler.update()  # fp16: halve the scale after an overflow, grow it after 2000 clean steps
             # The schedule follows the loop's steps, skipped ones included: skips are rare (fp16's
             # first few while its scale settles), and max_bad_steps of them in a row end the run.
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            step_values.add(step_loss, grad_norm, skip, bad)
+            step_values.add(step_loss, grad_norm)
 
             # --- between steps: logging, validation, checkpoints (the only places values are read) ---
             final = state.step == cfg.max_steps
@@ -347,7 +355,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
                 stop_signal = ctx.agree_max(stop.signum or 0)
             if not (do_log or do_eval or do_ckpt or stop_signal):
                 continue
-            take_step_values(state, step_values.read(ctx), cfg)
+            take_step_values(state, step_values.read(ctx), scaler.is_enabled(), cfg)
             if do_log:
                 record = train_record(state, lr)
                 if ctx.is_main:
