@@ -28,6 +28,8 @@ from torch import nn
 
 from .config import Config, to_dict
 from .distributed import Dist
+from .loader import BatchStream
+from .schedule import Schedule
 from .seed import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -157,8 +159,8 @@ class RunState:
 
 
 def save_training(
-    path: Path, cfg: Config, ctx: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    scaler: torch.amp.GradScaler, batches: Any, run: RunState,
+    path: Path, cfg: Config, ctx: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Schedule,
+    scaler: torch.amp.GradScaler, batches: BatchStream, run: RunState,
 ) -> None:  # fmt: skip
     """Write everything needed to continue exactly. Every rank calls it; rank 0 writes."""
     rng = ctx.gather(rng_state())  # every rank's random streams; a collective
@@ -191,8 +193,8 @@ def save_training(
 
 
 def restore_training(
-    saved: dict[str, Any], path: Path, cfg: Config, ctx: Dist, optimizer: torch.optim.Optimizer, scheduler: Any,
-    scaler: torch.amp.GradScaler, batches: Any,
+    saved: dict[str, Any], path: Path, cfg: Config, ctx: Dist, optimizer: torch.optim.Optimizer, scheduler: Schedule,
+    scaler: torch.amp.GradScaler, batches: BatchStream,
 ) -> RunState:  # fmt: skip
     """Put a checkpoint's optimizer, schedule, scaler, data position and RNG streams back; return its RunState.
 

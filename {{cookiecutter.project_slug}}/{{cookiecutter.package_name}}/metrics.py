@@ -20,8 +20,10 @@ def require_tensorboard() -> None:
 
 
 class MetricsLog:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    """Appends records to ``metrics.jsonl``; ``enabled=False`` (every rank but 0 under torchrun) writes nothing."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
         self.tensorboard = None
 
     def add_tensorboard(self, folder: Path, first_step: int) -> None:
@@ -32,6 +34,8 @@ class MetricsLog:
         self.tensorboard = SummaryWriter(str(folder), purge_step=first_step or None)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:

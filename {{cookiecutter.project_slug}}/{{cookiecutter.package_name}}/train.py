@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed
@@ -37,7 +38,7 @@ from .evaluate import evaluate
 from .loader import build_loaders
 from .metrics import MetricsLog, require_tensorboard
 from .model import build_model
-from .precision import allow_tf32, resolve_precision
+from .precision import Precision, allow_tf32, resolve_precision
 from .progress import Progress, describe_run, summarize
 from .schedule import build_scheduler
 from .seed import seed_everything
@@ -101,9 +102,9 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
 def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
     """``optimizer.step()``, unless ``skip`` (a float32 0/1 tensor) is 1: decided on the device where possible."""
     if getattr(optimizer, "_step_supports_amp_scaling", False):
-        # Fused optimizers take GradScaler's found_inf flag and skip on the device. The
-        # gradients are already unscaled (grad_scale None). GradScaler.step does the same,
-        # but for fp16 only and from the gradients alone; this works for every precision.
+        # Fused optimizers take GradScaler's found_inf flag and skip on the device; the
+        # gradients are already unscaled (grad_scale None). GradScaler.step(optimizer) does
+        # the same for fp16 only: this works for every precision.
         optimizer.grad_scale, optimizer.found_inf = None, skip
         try:
             optimizer.step()
@@ -142,19 +143,20 @@ def take_step_values(run: RunState, rows: list[list[float]], fp16: bool, cfg: Co
     now and then to find its scale (it then lowers the scale). A NaN on any rank reaches every rank's
     mean, so every rank counts the same.
     """
-    first = run.step - len(rows) + 1
-    for offset, (loss, grad_norm) in enumerate(rows):
+    bad_steps = []
+    for step, (loss, grad_norm) in enumerate(rows, start=run.step - len(rows) + 1):
         skipped = not math.isfinite(grad_norm)
         bad = not math.isfinite(loss) or (skipped and not fp16)
-        run.unlogged.append([first + offset, loss, grad_norm, float(skipped), float(bad)])
+        run.unlogged.append([step, loss, grad_norm, float(skipped), float(bad)])
         run.skipped_total += skipped
         run.bad_streak = run.bad_streak + 1 if bad else 0
+        if bad:
+            bad_steps.append(step)
         if run.bad_streak >= cfg.max_bad_steps:
             raise TrainingError(
                 f"{run.bad_streak} consecutive steps with a non-finite loss or gradient (last at step "
-                f"{first + offset}); stopping. best.pt and last.pt hold the state from before them"
+                f"{step}); stopping. best.pt and last.pt hold the state from before them"
             )
-    bad_steps = [int(row[0]) for row in run.unlogged[-len(rows) :] if row[4]] if rows else []
     if bad_steps:
         log.warning("non-finite loss or gradients at step(s) %s", bad_steps)
 
@@ -174,6 +176,22 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     if best is None:
         return math.isfinite(value)
     return value < best if mode == "min" else value > best
+
+
+def validate(model: nn.Module, val_loader: DataLoader, device: torch.device, precision: Precision, cfg: Config,
+             run: RunState, metrics_log: MetricsLog) -> bool:  # fmt: skip
+    """Essential 6: evaluate, record, and say whether ``best.pt`` is due (``cfg.monitor`` improved)."""
+    run.metrics = evaluate(model, val_loader, device, precision)
+    if cfg.monitor not in run.metrics:
+        raise ConfigError(f"monitor '{cfg.monitor}' is not a metric; choose one of {sorted(run.metrics)}")
+    new_best = is_better(run.metrics[cfg.monitor], run.best_metric, cfg.monitor_mode)
+    metrics_log.write({"step": run.step, **run.metrics})
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in run.metrics.items())
+    log.info("eval step %d  %s%s", run.step, shown, "  (new best)" if new_best else "")
+    if new_best and run.bad_streak == 0:  # never the weights of a bad step
+        run.best_metric, run.best_step = run.metrics[cfg.monitor], run.step
+        return True
+    return False
 
 
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -233,7 +251,7 @@ def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path) -> Non
 def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, step: int) -> MetricsLog:
     """Rank 0 writes the run's folder (config.yaml; a fresh metrics.jsonl, or the resumed one cut at ``step``)."""
     out_dir = Path(cfg.out_dir)
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", enabled=ctx.is_main)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:
@@ -358,23 +376,12 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
             take_step_values(state, step_values.read(ctx), scaler.is_enabled(), cfg)
             if do_log:
                 record = train_record(state, lr)
-                if ctx.is_main:
-                    metrics_log.write(record)
+                metrics_log.write(record)  # rank 0 only
                 progress.update(state.step, record.get("loss"), lr, record.get("grad_norm"), outside_seconds)
             paused = time.perf_counter()
-            if do_eval:
-                state.metrics = evaluate(model, val_loader, device, precision)
-                if cfg.monitor not in state.metrics:
-                    raise ConfigError(f"monitor '{cfg.monitor}' is not a metric; choose one of {sorted(state.metrics)}")
-                # best: replaced only when the monitored metric improves, and never by a bad step's weights.
-                new_best = is_better(state.metrics[cfg.monitor], state.best_metric, cfg.monitor_mode)
-                if ctx.is_main:
-                    metrics_log.write({"step": state.step, **state.metrics})
-                shown = "  ".join(f"{k} {v:.4f}" for k, v in state.metrics.items())
-                log.info("eval step %d  %s%s", state.step, shown, "  (new best)" if new_best else "")
-                if new_best and state.bad_streak == 0:
-                    state.best_metric, state.best_step = state.metrics[cfg.monitor], state.step
-                    save("best.pt")
+            # best: replaced only when the monitored metric improves (see validate).
+            if do_eval and validate(model, val_loader, device, precision, cfg, state, metrics_log):
+                save("best.pt")
             if stop_signal or (do_ckpt and state.bad_streak == 0):
                 save("last.pt")
             outside_seconds += time.perf_counter() - paused
