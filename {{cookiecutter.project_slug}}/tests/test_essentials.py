@@ -236,10 +236,10 @@ def test_best_checkpoint_is_replaced_only_on_improvement(make_config, monkeypatc
     assert best["step"] == 8 and best["best_metric"] == 0.2
 
 
-def test_best_checkpoint_with_max_mode(make_config, monkeypatch):
+def test_monitor_val_acc_keeps_the_highest(make_config, monkeypatch):
     scripted = iter([0.5, 0.7, 0.6])
     monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_acc": next(scripted)})
-    cfg = make_config("max_steps=6", "warmup_steps=0", "eval_every=2", "monitor=val_acc", "monitor_mode=max")
+    cfg = make_config("max_steps=6", "warmup_steps=0", "eval_every=2", "monitor=val_acc")  # monitor_mode=auto
     train(cfg)
     assert checkpoint(cfg.out_dir, "best.pt")["step"] == 4
 

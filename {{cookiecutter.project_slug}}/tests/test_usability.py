@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -99,6 +100,25 @@ def test_plot_writes_a_real_image(make_config):
     assert height >= 600 and width >= 600
     ink = (pixels[..., :3].mean(axis=-1) < 0.9).mean()  # share of pixels that are not (near) white
     assert 0.02 < ink < 0.5, ink
+
+
+def test_plot_has_a_panel_for_each_metric_whatever_its_name(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"step": s, "lr": 0.1, "loss": 1.0 / s, "skipped": 0} for s in range(10, 101, 10)]
+    records += [{"step": 50, "val_mae": 0.4, "val_r2": 0.5}, {"step": 100, "val_mae": 0.3, "val_r2": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "config.yaml").write_text("monitor: val_mae\nmonitor_mode: min\n")
+    train, evals, names = plot_module.split_records(records)
+    assert names == ["val_mae", "val_r2"] and len(train) == 10 and len(evals) == 2
+    assert plot_module.best_step(evals, tmp_path) == ("val_mae", 100)
+    assert plot_module.main([str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_smoothed_loss_does_not_lag():
+    steps = list(range(0, 1001, 50))
+    smoothed = plot_module.centred_mean(steps, [float(s) for s in steps], half_window=100)
+    assert smoothed[10] == 500.0  # a straight line stays where it is, unlike a moving average behind it
 
 
 def test_plot_without_matplotlib_says_how_to_install(make_config, monkeypatch, capsys):

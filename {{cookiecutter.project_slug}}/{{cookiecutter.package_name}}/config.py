@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LR_SCHEDULES = ("warmup_cosine", "onecycle", "step")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -68,8 +70,8 @@ class Config:
     eval_every: int = 200
     log_every: int = 50
     ckpt_every: int = 200
-    monitor: str = "val_loss"  # metric that decides best.pt
-    monitor_mode: str = "min"  # min: lower is better; max: higher is better
+    monitor: str = "val_loss"  # metric that decides best.pt (one of METRIC_GOALS in task.py)
+    monitor_mode: str = "auto"  # auto: the direction task.py declares for it; min or max must agree with that
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
     progress: bool = True  # a progress bar when stdout is a terminal (plain log lines otherwise)
     tensorboard: bool = False  # also write scalars to out_dir/tensorboard (pip install -e '.[tensorboard]')
@@ -172,9 +174,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config saved in a checkpoint (unknown keys are an error)."""
-    cfg = apply_overrides(Config(), dict(values))
+def config_from_dict(values: dict[str, Any], source: str = "the checkpoint") -> Config:
+    """Rebuild a Config saved in a checkpoint, validated.
+
+    Keys that ``Config`` no longer has (removed since the checkpoint was saved) are named in a
+    warning and ignored, so that an older checkpoint still evaluates when its model loads.
+    """
+    unknown = [key for key in values if key not in FIELD_TYPES]
+    if unknown:
+        log.warning("%s: config key(s) %s are not in Config any more; ignored", source, ", ".join(unknown))
+    cfg = apply_overrides(Config(), {key: value for key, value in values.items() if key in FIELD_TYPES})
     validate(cfg)
     return cfg
 
@@ -193,7 +202,7 @@ def validate(cfg: Config) -> None:
         DEVICE_PATTERN.fullmatch(cfg.device) is not None,
         f"device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'",
     )
-    require(cfg.monitor_mode in ("min", "max"), f"monitor_mode must be min or max, got '{cfg.monitor_mode}'")
+    require(cfg.monitor_mode in ("auto", "min", "max"), f"monitor_mode must be auto, min or max: '{cfg.monitor_mode}'")
     require(bool(cfg.out_dir), "out_dir must not be empty")
     require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     require(0 <= cfg.min_lr <= cfg.lr, f"min_lr must be between 0 and lr ({cfg.lr}), got {cfg.min_lr}")

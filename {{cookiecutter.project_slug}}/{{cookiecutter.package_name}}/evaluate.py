@@ -64,7 +64,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) ->
 
 def evaluate_state(state: dict, path: str | Path, overrides: list[str] | None = None) -> dict[str, float]:
     """Rebuild model and data from a loaded checkpoint's config (plus overrides) and evaluate it."""
-    cfg = config_from_dict(state["config"])
+    cfg = config_from_dict(state["config"], source=str(path))
     apply_overrides(cfg, parse_overrides(overrides or []))
     validate(cfg)
     if cfg.num_threads:

@@ -1,16 +1,20 @@
-"""YOURS TO REPLACE: the loss and the metric, in one place.
+"""YOURS TO REPLACE: the loss and the metrics, in one place.
 
 ``compute_loss`` must return the MEAN loss over the batch: gradient
 accumulation divides it by ``accum_steps`` to equal one bigger batch.
 ``metric_sums`` returns per-batch SUMS (not means) as tensors, so evaluation
 can add them up over batches (and processes) and divide once at the end:
 ``val_loss`` and ``val_acc`` below are weighted exactly by sample count.
+``METRIC_GOALS`` says which way each metric improves: ``best.pt`` follows
+the config's ``monitor`` in that direction.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+
+METRIC_GOALS = {"val_loss": "min", "val_acc": "max"}  # min: lower is better; max: higher is better
 
 
 def compute_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

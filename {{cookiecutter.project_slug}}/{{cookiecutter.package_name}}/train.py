@@ -43,7 +43,7 @@ from .progress import Progress, describe_run, summarize
 from .schedule import build_scheduler
 from .seed import seed_everything
 from .signals import StopRequest
-from .task import compute_loss
+from .task import METRIC_GOALS, compute_loss
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,19 @@ def train_record(run: RunState, lr: float) -> dict[str, Any]:
     return record
 
 
+def monitor_goal(cfg: Config) -> str:
+    """``min`` or ``max``: which way ``cfg.monitor`` improves, as task.py declares (checked before writing)."""
+    if cfg.monitor not in METRIC_GOALS:
+        raise ConfigError(f"monitor '{cfg.monitor}' is not a metric of task.py; choose one of {sorted(METRIC_GOALS)}")
+    goal = METRIC_GOALS[cfg.monitor]
+    if cfg.monitor_mode not in ("auto", goal):
+        raise ConfigError(
+            f"monitor_mode={cfg.monitor_mode} contradicts task.py, where {cfg.monitor} is better when "
+            f"{'lower' if goal == 'min' else 'higher'}: use monitor_mode=auto (or fix METRIC_GOALS)"
+        )
+    return goal
+
+
 def is_better(value: float, best: float | None, mode: str) -> bool:
     if best is None:
         return math.isfinite(value)
@@ -183,8 +196,8 @@ def validate(model: nn.Module, val_loader: DataLoader, device: torch.device, pre
     """Essential 6: evaluate, record, and say whether ``best.pt`` is due (``cfg.monitor`` improved)."""
     run.metrics = evaluate(model, val_loader, device, precision)
     if cfg.monitor not in run.metrics:
-        raise ConfigError(f"monitor '{cfg.monitor}' is not a metric; choose one of {sorted(run.metrics)}")
-    new_best = is_better(run.metrics[cfg.monitor], run.best_metric, cfg.monitor_mode)
+        raise ConfigError(f"task.py declares '{cfg.monitor}' but evaluation measured only {sorted(run.metrics)}")
+    new_best = is_better(run.metrics[cfg.monitor], run.best_metric, monitor_goal(cfg))
     metrics_log.write({"step": run.step, **run.metrics})
     shown = "  ".join(f"{k} {v:.4f}" for k, v in run.metrics.items())
     log.info("eval step %d  %s%s", run.step, shown, "  (new best)" if new_best else "")
@@ -286,6 +299,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     precision = resolve_precision(cfg.precision, device)
+    monitor_goal(cfg)
     allow_tf32(device, cfg.tf32)
     if cfg.tensorboard:
         require_tensorboard()
