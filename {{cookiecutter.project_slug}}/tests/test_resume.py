@@ -16,6 +16,7 @@ import torch
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, RunState, save_checkpoint
+from {{ cookiecutter.package_name }}.loader import build_loaders
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.train import TrainingError, main, take_step_values, train
 
@@ -157,6 +158,41 @@ def test_fresh_start_refuses_an_existing_run_unless_told(make_config, capsys):
     assert checkpoint(cfg.out_dir)["config"]["seed"] == 5
 
 
+def test_resuming_a_finished_run_says_how_to_extend_it(make_config, caplog):
+    train(make_config("max_steps=3", "warmup_steps=0"))
+    with caplog.at_level("WARNING"):
+        summary = train(make_config("max_steps=3", "warmup_steps=0", "resume=auto"))
+    assert summary["step"] == 3 and summary["exit_code"] == 0
+    assert "is at step 3, and max_steps is 3: nothing to train (raise max_steps to go on)" in caplog.text
+
+
+def test_fp16_resume_restores_the_grad_scaler(make_config, monkeypatch):
+    # A NaN at step 3 halves the loss scale: a resumed run must go on with the halved scale.
+    run = ["precision=fp16", "max_steps=8", "warmup_steps=0", "log_every=1", "ckpt_every=8", "eval_every=8"]
+    reference = make_config(*run, name="reference")
+    interrupted = make_config(*run, name="interrupted")
+    with monkeypatch.context() as patch:
+        nan_loss_on(patch, steps={3})
+        train(reference)
+    with monkeypatch.context() as patch:
+        nan_loss_on(patch, steps={3})
+        signal_during_step(patch, step=6, accum_steps=1)
+        assert train(interrupted)["step"] == 6
+    train(make_config(*run, "resume=auto", name="interrupted"))
+    assert checkpoint(reference.out_dir)["scaler"]["scale"] < 65536.0
+    assert checkpoint(interrupted.out_dir)["scaler"] == checkpoint(reference.out_dir)["scaler"]
+    assert_same_weights(checkpoint(interrupted.out_dir)["model"], checkpoint(reference.out_dir)["model"])
+
+
+def test_each_epoch_has_its_own_order(make_config):
+    cfg = make_config("batch_size=8")
+    data = torch.utils.data.TensorDataset(torch.arange(32), torch.arange(32))
+    batches, _ = build_loaders(cfg, data, data, torch.device("cpu"))
+    epochs = [torch.cat([next(batches)[0] for _ in range(4)]).tolist() for _ in range(3)]
+    assert all(sorted(order) == list(range(32)) for order in epochs)  # each epoch sees every sample once
+    assert len({tuple(order) for order in epochs}) == 3
+
+
 def test_resume_auto_starts_fresh_when_there_is_nothing(make_config):
     summary = train(make_config("max_steps=3", "warmup_steps=0", "resume=auto"))
     assert summary["step"] == 3
@@ -220,6 +256,58 @@ def test_a_crash_inside_a_save_leaves_the_old_file_intact(tmp_path, monkeypatch)
         save_checkpoint({"step": 2}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_a_full_disk_during_a_save_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+    before = path.read_bytes()
+    real_save = torch.save
+    # What torch.save raises when the disk fills up: a RuntimeError from its zip writer (as writing to /dev/full does).
+    monkeypatch.setattr(checkpoint_module.torch, "save", lambda obj, tmp: real_save(obj, "/dev/full"))
+    with pytest.raises(CheckpointError, match="could not save .*last.pt: writing failed \\(is the disk full\\?\\)"):
+        save_checkpoint({"step": 2}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_checkpoints_follow_the_umask_like_any_file(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        save_checkpoint({"step": 1}, tmp_path / "last.pt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names file descriptors through /proc/self/fd")
+def test_a_save_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint_module.os, "replace", replace)
+    save_checkpoint({"step": 1}, tmp_path / "last.pt")
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].endswith(".tmp")  # the new bytes, under their temporary name
+    assert events[2][1] == str(tmp_path)  # the folder: the rename itself is durable
+
+
+def test_a_checkpoint_holding_an_arbitrary_object_is_refused(tmp_path):
+    # weights_only=True: loading never runs code from the file, so an object of any class is an error.
+    path = tmp_path / "last.pt"
+    torch.save({"format": checkpoint_module.FORMAT, "model": {}, "payload": threading.Lock}, path)
+    with pytest.raises(CheckpointError, match="is unreadable"):
+        checkpoint_module.load_checkpoint(path)
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc/self/fd")

@@ -76,6 +76,12 @@ def _open_old(path: Path) -> int | None:
         return None
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """Call ``write(temp_path)`` for a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
@@ -84,6 +90,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     old = None
     try:
         write(tmp)  # by path: torch.save then uses its fast native writer
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private (0600); like any file the user writes
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         # Freeing the old file's disk blocks takes about 1 ms per 5 MB (ext4); holding it open
@@ -107,6 +114,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
     except OSError as e:
         raise CheckpointError(f"could not save {path}: {e.strerror or e}; the previous file is unchanged") from e
+    except RuntimeError as e:  # torch.save's writer reports a full disk this way
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"could not save {path}: writing failed (is the disk full?): {first_line}; the previous file is unchanged"
+        ) from e
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

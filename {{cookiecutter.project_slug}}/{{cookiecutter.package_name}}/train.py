@@ -326,6 +326,9 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     if saved is not None:
         report_config_changes(saved["config"], cfg, resume_from)
         state = restore_training(saved, resume_from, cfg, ctx, optimizer, scheduler, scaler, batches)
+    if state.step >= cfg.max_steps:
+        log.warning("resume: %s is at step %d, and max_steps is %d: nothing to train (raise max_steps to go on)",
+                    resume_from, state.step, cfg.max_steps)  # fmt: skip
     out_dir = Path(cfg.out_dir)
     metrics_log = prepare_out_dir(cfg, ctx, saved is not None, state.step)
     describe_run(cfg, device, precision.name, sum(p.numel() for p in params), ctx.world_size,
