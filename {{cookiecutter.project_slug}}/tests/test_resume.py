@@ -20,6 +20,7 @@ from {{ cookiecutter.package_name }}.loader import build_loaders
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.train import TrainingError, main, take_step_values, train
 
+from .augment import augmenting
 from .conftest import ROOT, SMOKE, assert_same_weights, checkpoint, nan_loss_on, record_saves, train_records
 
 # 1024 samples / batch 32 = 32 micro-batches per epoch = 16 optimizer steps with accum_steps=2.
@@ -47,36 +48,44 @@ def assert_same_run(a: str, b: str) -> None:
     assert checkpoint(a)["optimizer"]["state"][0]["exp_avg"].equal(checkpoint(b)["optimizer"]["state"][0]["exp_avg"])
 
 
+@pytest.fixture
+def augmented(monkeypatch):
+    """Random augmentation in the training set's __getitem__: what exact resume must survive."""
+    monkeypatch.setattr(train_module, "build_datasets", augmenting(train_module.build_datasets))
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_stop_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch, num_workers):
+def test_stop_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch, augmented, num_workers):
     workers = f"num_workers={num_workers}"
     reference = make_config(*RUN, workers, name="reference")
     train(reference)
 
     interrupted = make_config(*RUN, workers, name="interrupted")
-    signal_during_step(monkeypatch, step=23)  # epoch 1, 7 steps in: mid-epoch, between checkpoints
-    summary = train(interrupted)
+    with monkeypatch.context() as patch:
+        signal_during_step(patch, step=23)  # epoch 1, 7 steps in: mid-epoch, between checkpoints
+        summary = train(interrupted)
     assert summary["step"] == 23 and summary["exit_code"] == 128 + signal.SIGTERM
     assert checkpoint(interrupted.out_dir)["progress"]["data"] == {"epoch": 1, "samples_in_epoch": 14 * 32}
 
-    monkeypatch.undo()
     resumed = train(make_config(*RUN, workers, "resume=auto", name="interrupted"))
     assert resumed["step"] == 40 and resumed["exit_code"] == 0
     assert_same_run(reference.out_dir, interrupted.out_dir)
 
 
-def start_training(out_dir: Path, *overrides: str, new_session: bool = False) -> subprocess.Popen:
-    """A real training process, its log lines readable as they come."""
+def start_training(
+    out_dir: Path, *overrides: str, new_session: bool = False, augment: bool = False
+) -> subprocess.Popen:
+    """A real training process, its log lines readable as they come; ``augment``: with tests/augment.py."""
+    command = [str(ROOT / "tests" / "augmented_train.py")] if augment else ["-m", "{{ cookiecutter.package_name }}.train"]
     return subprocess.Popen(
-        [sys.executable, "-m", "{{ cookiecutter.package_name }}.train", "--config", str(SMOKE), "device=cpu",
-         f"out_dir={out_dir}", *overrides],
+        [sys.executable, *command, "--config", str(SMOKE), "device=cpu", f"out_dir={out_dir}", *overrides],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=new_session,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}, start_new_session=new_session,
     )  # fmt: skip
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config, num_workers):
+def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config, augmented, num_workers):
     run = [
         "max_steps=200",
         "accum_steps=2",
@@ -89,7 +98,7 @@ def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config, num_work
     train(reference)
 
     out_dir = Path(reference.out_dir).parent / "killed"
-    process = start_training(out_dir, *run)
+    process = start_training(out_dir, *run, augment=True)
     for line in process.stdout:  # kill it mid-run, wherever it happens to be, once a last.pt exists
         if line.startswith("step 70/"):
             process.kill()
@@ -191,6 +200,34 @@ def test_each_epoch_has_its_own_order(make_config):
     epochs = [torch.cat([next(batches)[0] for _ in range(4)]).tolist() for _ in range(3)]
     assert all(sorted(order) == list(range(32)) for order in epochs)  # each epoch sees every sample once
     assert len({tuple(order) for order in epochs}) == 3
+
+
+class RandomItems(torch.utils.data.Dataset):
+    """Each item: its index and a number drawn when it is read (augmentation in miniature)."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, index: int):
+        return torch.tensor(index), torch.rand(())
+
+
+def test_augmentation_in_workers_differs_per_epoch_and_repeats_per_run(make_config):
+    def draws(epochs: int) -> list[list[tuple[int, float]]]:
+        """(index, draw) in the order read, per epoch."""
+        cfg = make_config("batch_size=8", "num_workers=2")
+        batches, _ = build_loaders(cfg, RandomItems(), RandomItems(), torch.device("cpu"))
+        out = []
+        for _ in range(epochs):
+            pairs = [next(batches) for _ in range(4)]
+            out.append([(int(i), float(x)) for indices, values in pairs for i, x in zip(indices, values, strict=True)])
+        return out
+
+    first, again = draws(2), draws(2)
+    assert first == again  # a function of the seed, not of the process or the workers' history
+    assert all(a[1] != b[1] for a, b in zip(first[0], first[1], strict=True))  # each epoch draws anew, everywhere
+    draw_of = [dict(epoch) for epoch in first]
+    assert all(draw_of[0][i] != draw_of[1][i] for i in range(32))
 
 
 def test_resume_auto_starts_fresh_when_there_is_nothing(make_config):

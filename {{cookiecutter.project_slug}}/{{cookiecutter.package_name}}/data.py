@@ -6,8 +6,10 @@ The loop never looks inside them. The stand-in below is a synthetic
 classification task generated from the seed (no downloads): Gaussian clusters,
 one per class, in ``input_dim`` dimensions.
 
-If you add random augmentation, draw it from torch's RNG inside
-``__getitem__``: each DataLoader worker is seeded per epoch (loader.py).
+If you add random augmentation, draw it inside ``__getitem__`` (from torch,
+NumPy or Python's ``random``): a DataLoader worker seeds them before each
+batch from (seed, rank, epoch, batch), so a resumed run draws exactly what an
+uninterrupted one would (loader.py).
 """
 
 from __future__ import annotations

@@ -4,6 +4,13 @@ Training order is a pure function of (seed, epoch): the sampler shuffles with
 its own generator, so a run resumed mid-epoch continues with the very next
 batch of the same order, without replaying or skipping data. Under torchrun
 the same sampler gives each process its own shard.
+
+Random augmentation drawn in a worker's ``__getitem__`` is a pure function of
+(seed, rank, epoch, batch) too: the worker seeds its random streams before each
+batch. Workers live across epochs (``persistent_workers``), so seeding them once
+at start would make a resumed run draw differently from an uninterrupted one.
+Without workers, ``__getitem__`` draws from the main process's streams, which
+every checkpoint saves.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import Config, ConfigError
-from .seed import seed_worker
+from .seed import seed_everything, seed_worker
 
 
 def init_worker(worker_id: int) -> None:
@@ -42,6 +49,49 @@ class ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self.start)
 
 
+class SeededBatch(list):
+    """A batch of dataset indices, with the seed its random augmentation draws from."""
+
+    seed: int = 0
+
+
+class SeededBatches(torch.utils.data.Sampler):
+    """The sampler's indices in batches; batch k of an epoch gets seed f(seed, rank, epoch, k)."""
+
+    def __init__(self, sampler: ResumableSampler, batch_size: int, seed: int, rank: int):
+        self.sampler, self.batch_size, self.seed, self.rank = sampler, batch_size, seed, rank
+
+    def __iter__(self) -> Iterator[SeededBatch]:
+        indices, first = list(self.sampler), self.sampler.start // self.batch_size
+        for k in range(len(indices) // self.batch_size):  # whole batches only (drop_last)
+            batch = SeededBatch(indices[k * self.batch_size : (k + 1) * self.batch_size])
+            batch.seed = self.seed
+            for part in (self.rank, self.sampler.epoch, first + k):
+                batch.seed = (batch.seed * 1_000_003 + part) % 2**63
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+
+class WorkerSeeded(Dataset):
+    """The training set, as a DataLoader worker reads it: every random stream seeded per batch first."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, batch: SeededBatch) -> list[Any]:
+        if torch.utils.data.get_worker_info() is not None:  # in a worker: its own streams, set per batch
+            seed_everything(batch.seed)
+        return [self.dataset[index] for index in batch]
+
+
 class ShardSampler(torch.utils.data.Sampler):
     """Every ``world_size``-th index from ``rank``: shards cover the set once, with no padding."""
 
@@ -58,14 +108,14 @@ class ShardSampler(torch.utils.data.Sampler):
 class BatchStream:
     """An endless stream of training batches that knows its (epoch, batch) position."""
 
-    def __init__(self, loader: DataLoader, sampler: ResumableSampler, seed: int, rank: int = 0):
-        self.loader, self.sampler, self.seed, self.rank = loader, sampler, seed, rank
+    def __init__(self, loader: DataLoader, sampler: ResumableSampler, batch_size: int, seed: int, rank: int = 0):
+        self.loader, self.sampler, self.batch_size, self.seed, self.rank = loader, sampler, batch_size, seed, rank
         self.epoch, self.batch_in_epoch = 0, 0
         self._iterator: Iterator | None = None
 
     def _open_epoch(self) -> None:
         self.sampler.set_epoch(self.epoch)
-        self.sampler.start = self.batch_in_epoch * self.loader.batch_size
+        self.sampler.start = self.batch_in_epoch * self.batch_size
         # Worker seeds come from this generator: re-seed it per (rank, epoch) so they do not depend on history.
         self.loader.generator.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.epoch)
         self._iterator = iter(self.loader)
@@ -116,10 +166,9 @@ def build_loaders(
         worker_init_fn=init_worker if cfg.num_workers > 0 else None,
     )
     train_loader = DataLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        drop_last=True,  # equal-size micro-batches keep accumulation equal to one big batch
+        WorkerSeeded(train_set),
+        # Whole batches only: equal-size micro-batches keep accumulation equal to one big batch.
+        batch_sampler=SeededBatches(sampler, cfg.batch_size, cfg.seed, rank),
         generator=torch.Generator(),
         **common,
     )
@@ -129,4 +178,4 @@ def build_loaders(
     val_loader = DataLoader(
         val_set, batch_size=cfg.batch_size, sampler=val_sampler, generator=torch.Generator(), **common
     )
-    return BatchStream(train_loader, sampler, cfg.seed, rank), val_loader
+    return BatchStream(train_loader, sampler, cfg.batch_size, cfg.seed, rank), val_loader
