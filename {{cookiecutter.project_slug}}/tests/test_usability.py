@@ -168,3 +168,12 @@ def test_evaluate_command_reproduces_the_recorded_metrics(make_config):
     recorded = checkpoint(cfg.out_dir, "best.pt")["metrics"]
     for name, value in recorded.items():
         assert f"{name}: {value:.6f}  (recorded at save: {value:.6f})" in result.stdout
+
+
+def test_evaluate_of_a_folder_or_a_missing_file_is_one_line_exit_1(tmp_path, capsys):
+    from {{ cookiecutter.package_name }}.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--checkpoint", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: checkpoint {tmp_path} is a folder, not a file (a run's out_dir")
+    assert evaluate_main(["--checkpoint", str(tmp_path / "best.pt")]) == 1
+    assert capsys.readouterr().err == f"error: checkpoint {tmp_path / 'best.pt'} does not exist\n"

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
 import threading
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,13 +126,21 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint of this project, or raise CheckpointError saying what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file (a run's out_dir holds best.pt and last.pt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; torch's own errors for anything else are cryptic
+        raise CheckpointError(f"checkpoint {path} is unreadable: not a whole torch.save file (truncated or corrupt?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {first_line}") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"checkpoint {path} is refused: it holds Python objects besides tensors, numbers and strings (a pickled "
+            "model?), and this project loads checkpoints with weights_only=True, which never runs code from a file"
+        ) from None
+    except Exception:  # torch raises many types for a damaged archive
+        raise CheckpointError(f"checkpoint {path} is unreadable: a damaged torch.save file (corrupt?)") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (expected format '{FORMAT}')")
     missing = [k for k in REQUIRED_KEYS if k not in state]

@@ -91,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = load_checkpoint(args.checkpoint)
         metrics = evaluate_state(state, args.checkpoint, args.overrides)
-    except (ConfigError, CheckpointError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # the same status as train's for a checkpoint it cannot use
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     recorded = state.get("metrics") or {}
     for name, value in metrics.items():
         saved = f"  (recorded at save: {recorded[name]:.6f})" if name in recorded else ""

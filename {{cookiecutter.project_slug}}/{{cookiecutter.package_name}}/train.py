@@ -6,9 +6,9 @@ The essentials each live in a file named after them: config.py, seed.py,
 precision.py, schedule.py, checkpoint.py (+ evaluate.py for validation).
 Yours to replace: data.py, model.py, task.py (loss and metric).
 
-Exit status: 0 done; 1 training failed (non-finite steps, a failed save);
-2 bad input (config, resume checkpoint); 128 + signal when stopped by SIGTERM
-(143) or SIGINT (130) after writing last.pt.
+Exit status: 0 done; 1 training failed (non-finite steps, a checkpoint that
+cannot be read or written); 2 bad input (config, command line); 128 + signal
+when stopped by SIGTERM (143) or SIGINT (130) after writing last.pt.
 """
 
 from __future__ import annotations
