@@ -18,6 +18,7 @@ from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, RunState, save_checkpoint
 from {{ cookiecutter.package_name }}.loader import build_loaders
 from {{ cookiecutter.package_name }}.metrics import read_metrics
+from {{ cookiecutter.package_name }}.schedule import lr_at
 from {{ cookiecutter.package_name }}.train import TrainingError, main, take_step_values, train
 
 from .augment import augmenting
@@ -236,13 +237,32 @@ def test_resume_auto_starts_fresh_when_there_is_nothing(make_config):
 
 
 def test_resume_reports_config_changes_and_allows_a_longer_run(make_config, caplog):
-    train(make_config("max_steps=20"))
+    train(make_config("lr_schedule=step", "max_steps=20"))
     with caplog.at_level("INFO"):
-        summary = train(make_config("max_steps=30", "eval_every=7", "lr=0.02", "resume=auto"))
+        summary = train(make_config("lr_schedule=step", "max_steps=30", "eval_every=7", "lr=0.02", "resume=auto"))
     assert summary["step"] == 30
-    assert "max_steps changed from 20 to 30" in caplog.text
+    assert "max_steps changed from 20 to 30\n" in caplog.text  # the step schedule does not end: nothing moves
     assert "lr changed from 0.01 to 0.02  (the resumed run will differ" in caplog.text
     assert "resume changed" not in caplog.text
+
+
+def test_a_longer_cosine_run_keeps_its_schedule_with_decay_steps(make_config, caplog):
+    common = ["lr_schedule=warmup_cosine", "warmup_steps=5", "log_every=1"]
+    train(make_config(*common, "max_steps=20", name="moved"))
+    with caplog.at_level("WARNING"):
+        train(make_config(*common, "max_steps=30", "resume=auto", name="moved"))
+    assert "max_steps changed from 20 to 30  (the lr schedule now ends at step 30, not 20" in caplog.text
+    assert "decay_steps=20 keeps it" in caplog.text
+
+    train(make_config(*common, "max_steps=20", name="kept"))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        cfg = make_config(*common, "max_steps=30", "decay_steps=20", "resume=auto", name="kept")
+        train(cfg)
+    assert "will differ" not in caplog.text
+    lrs = [r["lr"] for r in train_records(cfg.out_dir)]
+    assert lrs[19] == pytest.approx(lr_at(19, make_config(*common, "max_steps=20")))  # as the 20-step run had it
+    assert lrs[20:] == pytest.approx([cfg.min_lr] * 10)  # past its end, the schedule holds min_lr
 
 
 @pytest.mark.parametrize(
@@ -346,7 +366,7 @@ def test_a_checkpoint_holding_an_arbitrary_object_is_refused(tmp_path):
     # weights_only=True: loading never runs code from the file, so an object of any class is an error.
     path = tmp_path / "last.pt"
     torch.save({"format": checkpoint_module.FORMAT, "model": {}, "payload": threading.Lock}, path)
-    with pytest.raises(CheckpointError, match="is unreadable"):
+    with pytest.raises(CheckpointError, match="is refused: it holds Python objects"):
         checkpoint_module.load_checkpoint(path)
 
 

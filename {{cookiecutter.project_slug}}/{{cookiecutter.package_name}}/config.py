@@ -65,6 +65,7 @@ class Config:
     min_lr: float = 3e-5
     lr_step_size: int = 500  # step schedule: decay every this many steps
     lr_gamma: float = 0.1  # step schedule: multiply the lr by this at each decay
+    decay_steps: int = 0  # warmup_cosine, onecycle: the step where lr reaches min_lr; 0: max_steps
 
     # --- validation, logging, checkpoints ---
     eval_every: int = 200
@@ -216,6 +217,10 @@ def validate(cfg: Config) -> None:
     )
     require(cfg.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0 (0 turns clipping off), got {cfg.clip_grad_norm}")
     require(cfg.lr_step_size >= 1, f"lr_step_size must be >= 1, got {cfg.lr_step_size}")
+    require(
+        cfg.decay_steps == 0 or cfg.decay_steps >= cfg.warmup_steps,
+        f"decay_steps must be 0 (= max_steps) or at least warmup_steps ({cfg.warmup_steps}), got {cfg.decay_steps}",
+    )
     require(0 < cfg.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
     for key in ("eval_every", "log_every", "ckpt_every", "max_bad_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")

@@ -5,6 +5,7 @@ easy to test and the scheduler's whole state is one number, the step:
 - warmup_cosine: linear warmup from 0 to lr, then cosine decay to min_lr (transformers).
 - onecycle: cosine ramp from lr/25 up to lr over warmup_steps, then cosine
   anneal to min_lr (the learning-rate shape of OneCycle, for fine-tuning).
+  Both reach min_lr at ``decay_steps`` (0: at max_steps), and stay there.
 - step: linear warmup, then lr * lr_gamma ** (steps_after_warmup // lr_step_size) (classic CNNs).
 
 The loop calls ``scheduler.step()`` once per optimizer step, after the step.
@@ -26,9 +27,14 @@ def _cosine(progress: float, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+def decay_horizon(cfg: Config) -> int:
+    """The step at which warmup_cosine and onecycle reach min_lr: ``decay_steps``, or ``max_steps`` if 0."""
+    return cfg.decay_steps or cfg.max_steps
+
+
 def lr_at(step: int, cfg: Config) -> float:
     """The learning rate used for optimizer step ``step`` (0-based)."""
-    warmup, total = cfg.warmup_steps, cfg.max_steps
+    warmup, total = cfg.warmup_steps, decay_horizon(cfg)
     if cfg.lr_schedule == "onecycle":
         if step < warmup:
             return _cosine(step / warmup, cfg.lr / ONECYCLE_START_DIV, cfg.lr)

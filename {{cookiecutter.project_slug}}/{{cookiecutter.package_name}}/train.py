@@ -40,7 +40,7 @@ from .metrics import MetricsLog, require_tensorboard
 from .model import build_model
 from .precision import Precision, allow_tf32, resolve_precision
 from .progress import Progress, describe_run, summarize
-from .schedule import build_scheduler
+from .schedule import build_scheduler, decay_horizon
 from .seed import seed_everything
 from .signals import StopRequest
 from .task import METRIC_GOALS, compute_loss
@@ -51,7 +51,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 # Changing these on resume is harmless; any other difference is reported as one
 # that makes the resumed run differ from an uninterrupted one.
 SAFE_ON_RESUME = {
-    *("max_steps", "eval_every", "log_every", "ckpt_every", "out_dir", "num_workers", "num_threads", "device"),
+    *("eval_every", "log_every", "ckpt_every", "out_dir", "num_workers", "num_threads", "device"),
     *("max_bad_steps", "dist_timeout_minutes", "progress", "tensorboard", "compile", "tf32"),
 }
 
@@ -254,8 +254,16 @@ def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path) -> Non
     changes = differences(saved, to_dict(cfg))
     for key in ("resume", "overwrite"):  # how this run was started, not what it trains
         changes.pop(key, None)
+    saved_horizon = saved.get("decay_steps") or saved["max_steps"]
     for key, (old, new) in changes.items():
-        note = "" if key in SAFE_ON_RESUME else "  (the resumed run will differ from an uninterrupted one)"
+        note = ""
+        if key in ("max_steps", "decay_steps"):  # safe unless they move the end of the lr schedule
+            horizon = decay_horizon(cfg)
+            if cfg.lr_schedule != "step" and horizon != saved_horizon:
+                note = f"  (the lr schedule now ends at step {horizon}, not {saved_horizon}: the resumed run will "
+                note += f"differ from an uninterrupted one; decay_steps={saved_horizon} keeps it)"
+        elif key not in SAFE_ON_RESUME:
+            note = "  (the resumed run will differ from an uninterrupted one)"
         log.warning("resume: %s changed from %r to %r%s", key, old, new, note)
     if changes:
         log.info("resume: %d config change(s) against %s", len(changes), path)
