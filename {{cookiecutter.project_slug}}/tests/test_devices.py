@@ -11,6 +11,7 @@ from {{ cookiecutter.package_name }} import distributed
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.evaluate import evaluate
 from {{ cookiecutter.package_name }}.precision import Precision, allow_tf32, resolve_precision
+from {{ cookiecutter.package_name }}.seed import rng_state, set_rng_state
 from {{ cookiecutter.package_name }}.train import train
 
 from .conftest import checkpoint, train_records
@@ -117,3 +118,18 @@ def test_tf32_switch_covers_matmuls_and_convolutions(enabled):
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_the_gpu_random_stream_saved_is_the_current_gpus_and_resumes_on_fewer_gpus(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    state = rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([7], dtype=torch.uint8))  # one GPU's, not every visible one's
+    set_rng_state(state)
+    # A checkpoint of an older version, saved seeing 4 GPUs, resumed by a process that sees 1: no IndexError.
+    set_rng_state({**state, "cuda": [torch.tensor([index], dtype=torch.uint8) for index in range(4)]})
+    assert [int(t[0]) for t in restored] == [7, 0]

@@ -36,12 +36,17 @@ def seed_worker(worker_id: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG stream, as tensors, numbers and lists only (loads with weights_only=True)."""
+    """Every RNG stream this process uses, as tensors, numbers and lists only (loads with weights_only=True).
+
+    Of the GPUs, only the current one's: each process trains on one device (distributed.setup makes it
+    the current one), and a resumed process may see fewer GPUs than the one that saved.
+    """
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+        "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
         "numpy": None,
     }
     if np is not None:
@@ -60,8 +65,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # saved by an older version: one state per visible GPU; ours is the current one
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+    if state.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
     if np is not None and state["numpy"] is not None:
         st = state["numpy"]
         keys = st["keys"].numpy().astype(np.uint32)
