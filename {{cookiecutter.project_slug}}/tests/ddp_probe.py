@@ -6,7 +6,9 @@ code, DDP's gradient all-reduces, the optimizer steps taken, and every other col
 optimizer step it came after. Then exits with train's exit code.
 Faults to inject, from the environment: PROBE_NAN_AT=RANK:STEP makes that rank's loss NaN in the
 first micro-batch of that optimizer step; PROBE_CONFIG_ERROR_ON=RANK raises a ConfigError on that
-rank alone while the datasets are built.
+rank alone while the datasets are built; PROBE_NO_CHECKPOINT_ON=RANK makes that rank see no
+checkpoint to resume from (a node with a disk of its own); PROBE_UNREADABLE_ON=RANK makes that
+rank unable to read the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import train as train_module
+from {{ cookiecutter.package_name }}.checkpoint import CheckpointError
 from {{ cookiecutter.package_name }}.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +99,15 @@ def main() -> int:
             raise ConfigError("the data folder is missing on this node")
 
         train_module.build_datasets = failing_datasets
+
+    if os.environ.get("PROBE_NO_CHECKPOINT_ON") == str(rank):
+        train_module.resume_checkpoint_path = lambda cfg: None
+    if os.environ.get("PROBE_UNREADABLE_ON") == str(rank):
+
+        def unreadable(path):
+            raise CheckpointError(f"checkpoint {path} is unreadable on this node")
+
+        checkpoint_module.load_checkpoint = unreadable
 
     code = train_module.main(["--config", str(ROOT / "configs" / "smoke.yaml"), f"out_dir={out_dir}", *sys.argv[2:]])
     (out_dir / f"probe-rank{rank}.json").write_text(

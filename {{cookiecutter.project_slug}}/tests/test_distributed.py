@@ -118,3 +118,21 @@ def test_an_error_on_one_rank_only_is_printed_with_its_rank(tmp_path):
     assert process.returncode != 0
     assert "error (rank 1): the data folder is missing on this node" in output, output
     assert json.loads((tmp_path / "ddp" / "probe-rank1.json").read_text())["exit_code"] == 2
+
+
+def test_rank_0_decides_what_every_rank_resumes_from(tmp_path):
+    out_dir, common = tmp_path / "ddp", ["warmup_steps=0", "eval_every=1000", "log_every=2", "dist_timeout_minutes=0.5"]
+    first = torchrun(out_dir, *common, "max_steps=4")
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output
+    # Rank 1's disk has no last.pt (node-local disks): it resumes from rank 0's checkpoint all the same.
+    resumed = torchrun(out_dir, *common, "max_steps=6", "resume=auto", env={"PROBE_NO_CHECKPOINT_ON": "1"})
+    output, _ = resumed.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(out_dir)] == [0, 0], output
+    assert "resumed from" in output and checkpoint(out_dir)["step"] == 6
+    # A rank that cannot read it stops every rank, saying why.
+    failed = torchrun(out_dir, *common, "max_steps=8", "resume=auto", env={"PROBE_UNREADABLE_ON": "1"})
+    output, _ = failed.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(out_dir)] == [1, 1], output
+    assert "error (rank 1): checkpoint" in output and "every node needs the same out_dir" in output
+    assert "error (rank 0): another process could not read" in output

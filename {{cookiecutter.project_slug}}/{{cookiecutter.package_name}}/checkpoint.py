@@ -133,7 +133,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not zipfile.is_zipfile(path):  # what torch.save writes; torch's own errors for anything else are cryptic
         raise CheckpointError(f"checkpoint {path} is unreadable: not a whole torch.save file (truncated or corrupt?)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read from the file as needed, not a whole copy in each rank's memory. Not on
+        # Windows, which cannot replace a file that is mapped (the next save renames over it).
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=os.name != "nt")
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"checkpoint {path} is refused: it holds Python objects besides tensors, numbers and strings (a pickled "
@@ -147,6 +149,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     return state
+
+
+def load_resume_checkpoint(path: Path | None, ctx: Dist) -> dict[str, Any] | None:
+    """The checkpoint every rank resumes from (rank 0 chose it), read on each rank; all fail if one cannot read it."""
+    saved, error = None, None
+    if path is not None:
+        try:
+            saved = load_checkpoint(path)
+        except CheckpointError as e:
+            shared = "; rank 0 resumes from it, so every node needs the same out_dir (a shared filesystem)"
+            error = CheckpointError(f"{e}{shared if ctx.enabled and not ctx.is_main else ''}")
+    if ctx.agree_max(error is not None):
+        raise error or CheckpointError(f"another process could not read {path}; its message says why")
+    return saved
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:

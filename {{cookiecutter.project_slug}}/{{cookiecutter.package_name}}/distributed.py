@@ -11,6 +11,7 @@ gloo) and the model is wrapped in DistributedDataParallel. A plain
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -50,6 +51,22 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(group=self.control)
+
+    def decide_on_main(self, decide: Callable[[], Any]) -> Any:
+        """``decide()`` on rank 0, and its result (or the ConfigError it raised) on every rank."""
+        if not self.enabled:
+            return decide()
+        outcome: list[Any] = [None]
+        if self.is_main:
+            try:
+                outcome = [(decide(), None)]
+            except ConfigError as e:
+                outcome = [(None, str(e))]
+        dist.broadcast_object_list(outcome, src=0, group=self.control)
+        value, error = outcome[0]
+        if error is not None:
+            raise ConfigError(error)
+        return value
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""

@@ -31,7 +31,14 @@ from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, RunState, load_checkpoint, load_model_state, restore_training, save_training
+from .checkpoint import (
+    CheckpointError,
+    RunState,
+    load_model_state,
+    load_resume_checkpoint,
+    restore_training,
+    save_training,
+)
 from .config import Config, ConfigError, differences, dump_yaml, load_config, to_dict
 from .data import build_datasets
 from .evaluate import evaluate
@@ -311,9 +318,10 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     allow_tf32(device, cfg.tf32)
     if cfg.tensorboard:
         require_tensorboard()
-    resume_from = resume_checkpoint_path(cfg)
+    # Rank 0 decides whether and from where to resume (nodes may have disks of their own); every rank follows.
+    resume_from = ctx.decide_on_main(lambda: resume_checkpoint_path(cfg))
     check_out_dir(cfg, resume_from)
-    saved = load_checkpoint(resume_from) if resume_from else None
+    saved = load_resume_checkpoint(resume_from, ctx)
 
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg)  # the same initial weights on every rank: same seed
