@@ -93,12 +93,15 @@ def test_sigterm_to_one_rank_stops_every_rank_and_resumes_in_one_process(make_co
     assert 20 <= stopped_at < 1000
     assert f"stopped by signal 15 at step {stopped_at}" in output
     assert len(checkpoint(out_dir)["rng"]) == 2  # every rank's random streams
+    # torchrun itself exits 1 here: the marker is what a requeue script reads.
+    assert (out_dir / "stopped_by_signal").read_text() == f"signal 15 at step {stopped_at}\n"
 
     # The 2-process checkpoint continues in a single process (batch 32 = the same global batch).
     resumed = make_config(f"out_dir={out_dir}", "resume=auto", f"max_steps={stopped_at + 10}", "log_every=10",
                           "accum_steps=2", "batch_size=32", "ckpt_every=1000", "eval_every=1000")  # fmt: skip
     summary = train(resumed)
     assert summary["step"] == stopped_at + 10 and summary["exit_code"] == 0
+    assert not (out_dir / "stopped_by_signal").exists()
     data = checkpoint(out_dir)["progress"]["data"]
     assert data["samples_in_epoch"] % 64 == 0
 

@@ -55,6 +55,9 @@ from .task import METRIC_GOALS, compute_loss
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
+# Written when a signal stopped the run (after last.pt), removed when it starts again: torchrun exits 1
+# when its processes exit 143, so a requeue script looks for this file (README, Resuming and preemption).
+STOPPED_MARKER = "stopped_by_signal"
 # Changing these on resume is harmless; any other difference is reported as one
 # that makes the resumed run differ from an uninterrupted one.
 SAFE_ON_RESUME = {
@@ -286,6 +289,7 @@ def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, step: in
             for name in RUN_FILES:  # only reached with overwrite=true, or an empty folder
                 (out_dir / name).unlink(missing_ok=True)
             shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        (out_dir / STOPPED_MARKER).unlink(missing_ok=True)
         if cfg.tensorboard:
             metrics_log.add_tensorboard(out_dir / "tensorboard", first_step=step)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -419,6 +423,8 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
                 save("last.pt")
             outside_seconds += time.perf_counter() - paused
             if stop_signal:
+                if ctx.is_main:
+                    (out_dir / STOPPED_MARKER).write_text(f"signal {stop_signal} at step {state.step}\n")
                 log.warning(
                     "stopped by signal %d at step %d; last.pt saved, resume with resume=auto", stop_signal, state.step
                 )
