@@ -8,7 +8,8 @@ Faults to inject, from the environment: PROBE_NAN_AT=RANK:STEP makes that rank's
 first micro-batch of that optimizer step; PROBE_CONFIG_ERROR_ON=RANK raises a ConfigError on that
 rank alone while the datasets are built; PROBE_NO_CHECKPOINT_ON=RANK makes that rank see no
 checkpoint to resume from (a node with a disk of its own); PROBE_UNREADABLE_ON=RANK makes that
-rank unable to read the checkpoint.
+rank unable to read the checkpoint; PROBE_SIGTERM_IN_EVAL=RANK sends that rank a SIGTERM during
+its first evaluation.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
+from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.checkpoint import CheckpointError
 from {{ cookiecutter.package_name }}.config import ConfigError
@@ -108,6 +111,17 @@ def main() -> int:
             raise CheckpointError(f"checkpoint {path} is unreadable on this node")
 
         checkpoint_module.load_checkpoint = unreadable
+
+    if os.environ.get("PROBE_SIGTERM_IN_EVAL") == str(rank):
+        real_metric_sums, eval_batches = evaluate_module.metric_sums, {"n": 0}
+
+        def sigterm_in_evaluation(output, target):
+            eval_batches["n"] += 1
+            if eval_batches["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_metric_sums(output, target)
+
+        evaluate_module.metric_sums = sigterm_in_evaluation
 
     code = train_module.main(["--config", str(ROOT / "configs" / "smoke.yaml"), f"out_dir={out_dir}", *sys.argv[2:]])
     (out_dir / f"probe-rank{rank}.json").write_text(

@@ -139,3 +139,13 @@ def test_rank_0_decides_what_every_rank_resumes_from(tmp_path):
     assert [p["exit_code"] for p in probes(out_dir)] == [1, 1], output
     assert "error (rank 1): checkpoint" in output and "every node needs the same out_dir" in output
     assert "error (rank 0): another process could not read" in output
+
+
+def test_sigterm_during_evaluation_stops_every_rank_at_once(tmp_path):
+    out_dir = tmp_path / "ddp"
+    process = torchrun(out_dir, "max_steps=100", "warmup_steps=0", "eval_every=10", "ckpt_every=100",
+                       "batch_size=16", "dist_timeout_minutes=0.5", env={"PROBE_SIGTERM_IN_EVAL": "1"})  # fmt: skip
+    output, _ = process.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(out_dir)] == [143, 143], output
+    saved = checkpoint(out_dir)
+    assert saved["step"] == 10 and saved["progress"]["eval_due"] is True

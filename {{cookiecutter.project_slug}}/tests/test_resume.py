@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
+from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, RunState, save_checkpoint
 from {{ cookiecutter.package_name }}.loader import build_loaders
@@ -70,6 +71,30 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch, a
 
     resumed = train(make_config(*RUN, workers, "resume=auto", name="interrupted"))
     assert resumed["step"] == 40 and resumed["exit_code"] == 0
+    assert_same_run(reference.out_dir, interrupted.out_dir)
+
+
+def test_a_stop_during_evaluation_saves_at_once_and_the_resumed_run_evaluates_first(make_config, monkeypatch):
+    run = ["max_steps=20", "warmup_steps=0", "eval_every=10", "ckpt_every=20", "log_every=5", "batch_size=32"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    interrupted = make_config(*run, name="interrupted")
+    real_metric_sums, batches = evaluate_module.metric_sums, {"n": 0}
+
+    def sigterm_on_the_third_batch(output, target):
+        batches["n"] += 1
+        if batches["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_metric_sums(output, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "metric_sums", sigterm_on_the_third_batch)
+        summary = train(interrupted)
+    assert summary["step"] == 10 and summary["exit_code"] == 143
+    assert batches["n"] == 3  # the other 13 batches of the evaluation were not waited for
+    assert checkpoint(interrupted.out_dir)["progress"]["eval_due"] is True
+    assert not [r for r in read_metrics(Path(interrupted.out_dir) / "metrics.jsonl") if "val_loss" in r]
+    train(make_config(*run, "resume=auto", name="interrupted"))
     assert_same_run(reference.out_dir, interrupted.out_dir)
 
 

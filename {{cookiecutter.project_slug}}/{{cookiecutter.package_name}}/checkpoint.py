@@ -194,6 +194,7 @@ class RunState:
     bad_streak: int = 0  # consecutive steps with a non-finite loss or gradient
     skipped_total: int = 0  # optimizer steps skipped for non-finite gradients
     unlogged: list[list[float]] = field(default_factory=list)  # [step, loss, grad_norm, skipped, bad] rows
+    eval_due: bool = False  # a stop request cut this step's evaluation short: a resumed run does it first
 
 
 def save_training(
@@ -219,6 +220,7 @@ def save_training(
                 "bad_streak": run.bad_streak,
                 "skipped_total": run.skipped_total,
                 "unlogged_steps": run.unlogged,
+                "eval_due": run.eval_due,
             },
             "rng": rng,
         }
@@ -253,6 +255,7 @@ def restore_training(
             bad_streak=progress["bad_streak"],
             skipped_total=progress["skipped_total"],
             unlogged=progress["unlogged_steps"],
+            eval_due=progress.get("eval_due", False),  # absent from older checkpoints
         )
         rng = saved["rng"]
     except (KeyError, ValueError, RuntimeError, TypeError) as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,25 +32,36 @@ log = logging.getLogger(__name__)
 # no_grad, not inference_mode: a tensor that the model caches during evaluation (rotary tables,
 # masks) would otherwise become an inference tensor and break the next training backward.
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision) -> dict[str, float]:
-    """Mean of each metric over the whole validation set (sums / samples, read once at the end)."""
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision,
+    stop: Callable[[int], bool] | None = None,
+) -> dict[str, float] | None:  # fmt: skip
+    """Mean of each metric over the whole validation set (sums / samples, read once at the end).
+
+    ``stop(batch_index)`` is asked before each batch: True abandons the evaluation (returns None),
+    so that a preempted job saves at once instead of after a long evaluation.
+    """
     was_training = model.training
     model.eval()
     # Running sums on the device, in float64 (MPS has none: float32 there), read once at the end.
     dtype = torch.float32 if device.type == "mps" else torch.float64
     totals: dict[str, torch.Tensor] = {}
     count = 0
-    for inputs, targets in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with precision.autocast():
-            output = model(inputs)
-        for name, value in metric_sums(output, targets).items():
-            if name not in totals:
-                totals[name] = torch.zeros((), dtype=dtype, device=device)
-            totals[name] += value
-        count += len(targets)
-    model.train(was_training)
+    try:
+        for index, (inputs, targets) in enumerate(loader):
+            if stop is not None and stop(index):
+                return None
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with precision.autocast():
+                output = model(inputs)
+            for name, value in metric_sums(output, targets).items():
+                if name not in totals:
+                    totals[name] = torch.zeros((), dtype=dtype, device=device)
+                totals[name] += value
+            count += len(targets)
+    finally:
+        model.train(was_training)
     names = list(totals)
     summed = torch.stack([*totals.values(), torch.tensor(count, dtype=dtype, device=device)])
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,10 +202,20 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     return value < best if mode == "min" else value > best
 
 
-def validate(model: nn.Module, val_loader: DataLoader, device: torch.device, precision: Precision, cfg: Config,
-             run: RunState, metrics_log: MetricsLog) -> bool:  # fmt: skip
-    """Essential 6: evaluate, record, and say whether ``best.pt`` is due (``cfg.monitor`` improved)."""
-    run.metrics = evaluate(model, val_loader, device, precision)
+def validate(
+    model: nn.Module, val_loader: DataLoader, device: torch.device, precision: Precision, cfg: Config, run: RunState,
+    metrics_log: MetricsLog, stop: Callable[[int], bool] | None = None,
+) -> bool | None:  # fmt: skip
+    """Essential 6: evaluate, record, and say whether ``best.pt`` is due (``cfg.monitor`` improved).
+
+    None: a stop request abandoned the evaluation (see ``evaluate``); the run saves and stops, and
+    its resumption evaluates this step first.
+    """
+    metrics = evaluate(model, val_loader, device, precision, stop)
+    run.eval_due = metrics is None
+    if metrics is None:
+        return None
+    run.metrics = metrics
     if cfg.monitor not in run.metrics:
         raise ConfigError(f"task.py declares '{cfg.monitor}' but evaluation measured only {sorted(run.metrics)}")
     new_best = is_better(run.metrics[cfg.monitor], run.best_metric, monitor_goal(cfg))
@@ -357,6 +368,16 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     def save(name: str) -> None:
         save_training(out_dir / name, cfg, ctx, model, optimizer, scheduler, scaler, batches, state)
 
+    if state.eval_due and validate(model, val_loader, device, precision, cfg, state, metrics_log):
+        save("best.pt")  # the evaluation a stop request cut short, done as the uninterrupted run did
+    stop = StopRequest()
+    # A stop request during evaluation abandons it. Under torchrun the ranks agree before each batch,
+    # up to the last one that every rank's shard has.
+    shared_batches = math.ceil(len(val_set) // ctx.world_size / cfg.batch_size)
+
+    def stop_evaluation(batch: int) -> bool:
+        return batch < shared_batches and ctx.agree_max(stop.signum or 0) > 0
+
     # --- the loop: one iteration = one optimizer step over accum_steps micro-batches ---
     step_values = StepValues()
     # Under DDP, gradients are all-reduced in the backward of the last micro-batch only.
@@ -368,7 +389,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     progress = Progress(cfg, state.step, cfg.batch_size * cfg.accum_steps * ctx.world_size, ctx.is_main)
     # While the bar is drawn, log lines are written above it instead of through it.
     redirect = logging_redirect_tqdm() if progress.show_bar else contextlib.nullcontext()
-    with StopRequest() as stop, redirect:
+    with stop, redirect:
         loop_started = time.perf_counter()
         while state.step < cfg.max_steps:
             step_loss = torch.zeros((), device=device)  # summed over the micro-batches, on the device
@@ -417,8 +438,12 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
                 progress.update(state.step, record.get("loss"), lr, record.get("grad_norm"), outside_seconds)
             paused = time.perf_counter()
             # best: replaced only when the monitored metric improves (see validate).
-            if do_eval and validate(model, val_loader, device, precision, cfg, state, metrics_log):
-                save("best.pt")
+            if do_eval:
+                improved = validate(model, val_loader, device, precision, cfg, state, metrics_log, stop_evaluation)
+                if improved:
+                    save("best.pt")
+                elif improved is None:  # abandoned: the ranks agreed on a stop request
+                    stop_signal = ctx.agree_max(stop.signum or 0)
             if stop_signal or (do_ckpt and state.bad_streak == 0):
                 save("last.pt")
             outside_seconds += time.perf_counter() - paused
