@@ -265,6 +265,9 @@ def restore_training(
     else:  # another world size: fresh streams, still a function of the seed
         log.warning("resume: saved by %d process(es), now %d; random streams restart", len(rng), ctx.world_size)
         seed_everything(cfg.seed + ctx.rank + 1_000_003 * run.step)
+    if run.step >= cfg.max_steps:
+        log.warning("resume: %s is at step %d, and max_steps is %d: nothing to train (raise max_steps to go on)",
+                    path, run.step, cfg.max_steps)  # fmt: skip
     return run
 
 

@@ -245,6 +245,17 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     return torch.compile(model)
 
 
+def evaluation_stopper(
+    stop: StopRequest, ctx: distributed.Dist, val_size: int, batch_size: int
+) -> Callable[[int], bool]:
+    """For ``evaluate``: before each batch, whether a stop request abandons the evaluation.
+
+    Under torchrun the ranks agree on it, before each of the batches that every rank's shard has.
+    """
+    shared_batches = math.ceil(val_size // ctx.world_size / batch_size)
+    return lambda batch: batch < shared_batches and ctx.agree_max(stop.signum or 0) > 0
+
+
 def resume_checkpoint_path(cfg: Config) -> Path | None:
     if cfg.resume == "":
         return None
@@ -357,9 +368,6 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     if saved is not None:
         report_config_changes(saved["config"], cfg, resume_from)
         state = restore_training(saved, resume_from, cfg, ctx, optimizer, scheduler, scaler, batches)
-    if state.step >= cfg.max_steps:
-        log.warning("resume: %s is at step %d, and max_steps is %d: nothing to train (raise max_steps to go on)",
-                    resume_from, state.step, cfg.max_steps)  # fmt: skip
     out_dir = Path(cfg.out_dir)
     metrics_log = prepare_out_dir(cfg, ctx, saved is not None, state.step)
     describe_run(cfg, device, precision.name, sum(p.numel() for p in params), ctx.world_size,
@@ -371,12 +379,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     if state.eval_due and validate(model, val_loader, device, precision, cfg, state, metrics_log):
         save("best.pt")  # the evaluation a stop request cut short, done as the uninterrupted run did
     stop = StopRequest()
-    # A stop request during evaluation abandons it. Under torchrun the ranks agree before each batch,
-    # up to the last one that every rank's shard has.
-    shared_batches = math.ceil(len(val_set) // ctx.world_size / cfg.batch_size)
-
-    def stop_evaluation(batch: int) -> bool:
-        return batch < shared_batches and ctx.agree_max(stop.signum or 0) > 0
+    stop_evaluation = evaluation_stopper(stop, ctx, len(val_set), cfg.batch_size)
 
     # --- the loop: one iteration = one optimizer step over accum_steps micro-batches ---
     step_values = StepValues()
