@@ -387,6 +387,18 @@ def test_a_save_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_path
     assert events[2][1] == str(tmp_path)  # the folder: the rename itself is durable
 
 
+@pytest.mark.skipif(os.name != "posix", reason="Windows cannot replace a mapped file: loaded without mmap there")
+def test_checkpoints_load_memory_mapped(tmp_path, monkeypatch):
+    # Under torchrun every rank loads the checkpoint: mapped, not a whole copy in each process's memory.
+    save_checkpoint({"model": {}, "optimizer": {}, "scheduler": {}, "scaler": {}, "config": {}, "step": 0,
+                     "best_metric": None}, tmp_path / "last.pt")  # fmt: skip
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(checkpoint_module.torch, "load", lambda *a, **k: (calls.append(k), real_load(*a, **k))[1])
+    checkpoint_module.load_checkpoint(tmp_path / "last.pt")
+    assert calls == [{"map_location": "cpu", "weights_only": True, "mmap": True}]
+
+
 def test_a_checkpoint_holding_an_arbitrary_object_is_refused(tmp_path):
     # weights_only=True: loading never runs code from the file, so an object of any class is an error.
     path = tmp_path / "last.pt"
