@@ -238,6 +238,19 @@ class RandomItems(torch.utils.data.Dataset):
         return torch.tensor(index), torch.rand(())
 
 
+def test_a_dataset_that_reads_whole_batches_still_does(make_config):
+    class BatchReads(RandomItems):
+        calls = 0
+
+        def __getitems__(self, indices):
+            BatchReads.calls += 1
+            return [self[index] for index in indices]
+
+    batches, _ = build_loaders(make_config("batch_size=8"), BatchReads(), BatchReads(), torch.device("cpu"))
+    next(batches)
+    assert BatchReads.calls == 1
+
+
 def test_augmentation_in_workers_differs_per_epoch_and_repeats_per_run(make_config):
     def draws(epochs: int) -> list[list[tuple[int, float]]]:
         """(index, draw) in the order read, per epoch."""

@@ -89,7 +89,8 @@ class WorkerSeeded(Dataset):
     def __getitems__(self, batch: SeededBatch) -> list[Any]:
         if torch.utils.data.get_worker_info() is not None:  # in a worker: its own streams, set per batch
             seed_everything(batch.seed)
-        return [self.dataset[index] for index in batch]
+        fetch_many = getattr(self.dataset, "__getitems__", None)  # a dataset's own batched read, if it has one
+        return fetch_many(list(batch)) if fetch_many else [self.dataset[index] for index in batch]
 
 
 class ShardSampler(torch.utils.data.Sampler):
