@@ -17,12 +17,12 @@ from __future__ import annotations
 import collections
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from faults import SignalOnCall  # tests/, this script's folder
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
@@ -113,15 +113,7 @@ def main() -> int:
         checkpoint_module.load_checkpoint = unreadable
 
     if os.environ.get("PROBE_SIGTERM_IN_EVAL") == str(rank):
-        real_metric_sums, eval_batches = evaluate_module.metric_sums, {"n": 0}
-
-        def sigterm_in_evaluation(output, target):
-            eval_batches["n"] += 1
-            if eval_batches["n"] == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real_metric_sums(output, target)
-
-        evaluate_module.metric_sums = sigterm_in_evaluation
+        evaluate_module.metric_sums = SignalOnCall(evaluate_module.metric_sums, 2)  # in the second batch
 
     code = train_module.main(["--config", str(ROOT / "configs" / "smoke.yaml"), f"out_dir={out_dir}", *sys.argv[2:]])
     (out_dir / f"probe-rank{rank}.json").write_text(

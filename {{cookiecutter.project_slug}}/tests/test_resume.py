@@ -24,6 +24,7 @@ from {{ cookiecutter.package_name }}.train import TrainingError, main, take_step
 
 from .augment import augmenting
 from .conftest import ROOT, SMOKE, assert_same_weights, checkpoint, nan_loss_on, record_saves, train_records
+from .faults import SignalOnCall
 
 # 1024 samples / batch 32 = 32 micro-batches per epoch = 16 optimizer steps with accum_steps=2.
 RUN = ["max_steps=40", "accum_steps=2", "log_every=5", "eval_every=15", "ckpt_every=10"]
@@ -31,16 +32,10 @@ RUN = ["max_steps=40", "accum_steps=2", "log_every=5", "eval_every=15", "ckpt_ev
 
 def signal_during_step(monkeypatch, step: int, accum_steps: int = 2, signum: int = signal.SIGTERM) -> None:
     """Send ``signum`` to this process in the middle of optimizer step ``step`` (1-based)."""
-    calls = {"n": 0}
-    real_loss = train_module.compute_loss
-
-    def loss_then_signal(output, target):
-        calls["n"] += 1
-        if calls["n"] == (step - 1) * accum_steps + 1:
-            os.kill(os.getpid(), signum)
-        return real_loss(output, target)
-
-    monkeypatch.setattr(train_module, "compute_loss", loss_then_signal)
+    first_micro_batch = (step - 1) * accum_steps + 1
+    monkeypatch.setattr(
+        train_module, "compute_loss", SignalOnCall(train_module.compute_loss, first_micro_batch, signum)
+    )
 
 
 def assert_same_run(a: str, b: str) -> None:
@@ -79,19 +74,12 @@ def test_a_stop_during_evaluation_saves_at_once_and_the_resumed_run_evaluates_fi
     reference = make_config(*run, name="reference")
     train(reference)
     interrupted = make_config(*run, name="interrupted")
-    real_metric_sums, batches = evaluate_module.metric_sums, {"n": 0}
-
-    def sigterm_on_the_third_batch(output, target):
-        batches["n"] += 1
-        if batches["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_metric_sums(output, target)
-
+    sigterm_on_the_third_batch = SignalOnCall(evaluate_module.metric_sums, 3)
     with monkeypatch.context() as patch:
         patch.setattr(evaluate_module, "metric_sums", sigterm_on_the_third_batch)
         summary = train(interrupted)
     assert summary["step"] == 10 and summary["exit_code"] == 143
-    assert batches["n"] == 3  # the other 13 batches of the evaluation were not waited for
+    assert sigterm_on_the_third_batch.calls == 3  # the other 13 batches of the evaluation were not waited for
     assert checkpoint(interrupted.out_dir)["progress"]["eval_due"] is True
     assert not [r for r in read_metrics(Path(interrupted.out_dir) / "metrics.jsonl") if "val_loss" in r]
     train(make_config(*run, "resume=auto", name="interrupted"))
