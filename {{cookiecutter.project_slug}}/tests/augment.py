@@ -10,25 +10,29 @@ from torch.utils.data import Dataset
 
 
 class Augmented(Dataset):
-    """A training set whose items get noise drawn from every random stream, each time they are read."""
+    """A training set whose items get a token replaced at random, drawn from every random stream, at each read."""
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, vocab: int):
+        self.dataset, self.vocab = dataset, vocab
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         inputs, target = self.dataset[index]
-        noise = 0.1 * torch.randn(inputs.shape) + float(np.random.uniform(-0.01, 0.01)) + random.uniform(-0.01, 0.01)
-        return inputs + noise, target
+        position = int(torch.randint(len(inputs), ()))
+        token = int(np.random.randint(self.vocab))
+        if random.random() < 0.5:
+            inputs = inputs.clone()
+            inputs[position] = token
+        return inputs, target
 
 
-def augmenting(build_datasets):
-    """``build_datasets`` with its training set augmented."""
+def augmenting(build_datasets, vocab: int = 16):
+    """``build_datasets`` with its training set augmented (token inputs below ``vocab``: stand_in.VOCAB)."""
 
     def build(cfg):
         train_set, val_set = build_datasets(cfg)
-        return Augmented(train_set), val_set
+        return Augmented(train_set, vocab), val_set
 
     return build

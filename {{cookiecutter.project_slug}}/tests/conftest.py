@@ -10,35 +10,59 @@ from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.config import Config, load_config
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 
+from . import stand_in
+
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "your_task: a test of your task (data.py, model.py, task.py, configs)")
+
+
+@pytest.fixture(autouse=True)
+def stand_in_task(request, monkeypatch):
+    """Every test runs the loop on the tests' own task (stand_in.py), except those marked your_task."""
+    if request.node.get_closest_marker("your_task") is None:
+        stand_in.install(monkeypatch.setattr)
+
+
+@pytest.fixture
+def no_dropout(monkeypatch):
+    """The tests' model without dropout: runs that differ in batching or processes can then agree exactly."""
+    monkeypatch.setattr(stand_in, "DROPOUT", 0.0)
 
 
 @pytest.fixture
 def make_config(tmp_path):
-    """configs/smoke.yaml on the CPU, writing under tmp_path/<name>, plus key=value overrides."""
+    """The tests' loop settings (stand_in.LOOP), writing under tmp_path/<name>, plus key=value overrides."""
 
     def make(*overrides: str, name: str = "run") -> Config:
-        return load_config(SMOKE, [f"out_dir={tmp_path / name}", "device=cpu", *overrides])
+        return load_config(None, [*stand_in.LOOP, f"out_dir={tmp_path / name}", *overrides])
 
     return make
+
+
+def cli(out_dir: str | Path, *overrides: str) -> list[str]:
+    """The training command's arguments for the tests' loop settings (stand_in.LOOP) and ``overrides``."""
+    return [*stand_in.LOOP, f"out_dir={out_dir}", *overrides]
 
 
 def nan_loss_on(
     monkeypatch, steps: set[int] | None = None, from_step: int | None = None, finite_gradients: bool = False
 ) -> None:
-    """Make the loss NaN at these optimizer steps (1-based, accum_steps=1), or from ``from_step`` on.
-    ``finite_gradients``: make it inf instead, by adding a constant, so that the gradients stay finite."""
+    """Make the loss NaN at these micro-batches (1-based; optimizer steps with accum_steps=1), or from
+    ``from_step`` on. ``finite_gradients``: make it inf instead, by adding a constant, so that the
+    gradients stay finite."""
     calls = {"n": 0}
     real_loss = train_module.compute_loss
 
     def loss(output, target):
         calls["n"] += 1
-        value = real_loss(output, target)
+        value, count = real_loss(output, target)
         bad = (steps and calls["n"] in steps) or (from_step is not None and calls["n"] >= from_step)
         if not bad:
-            return value
-        return value + float("inf") if finite_gradients else value * float("nan")
+            return value, count
+        return (value + float("inf") if finite_gradients else value * float("nan")), count
 
     monkeypatch.setattr(train_module, "compute_loss", loss)
 
@@ -65,7 +89,7 @@ def train_records(out_dir: str | Path) -> list[dict]:
 
 
 def eval_records(out_dir: str | Path) -> list[dict]:
-    return [r for r in read_metrics(Path(out_dir) / "metrics.jsonl") if "val_loss" in r]
+    return [r for r in read_metrics(Path(out_dir) / "metrics.jsonl") if "val_loss" in r]  # stand_in's metric
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

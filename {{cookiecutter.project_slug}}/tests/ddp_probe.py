@@ -1,9 +1,11 @@
-"""Run by torchrun in tests/test_distributed.py: train, counting what each rank sends to the others.
+"""Run by torchrun in tests/test_distributed.py: train the tests' own task, recording what each rank
+sends to the others.
 
 usage: torchrun --nproc_per_node=N tests/ddp_probe.py OUT_DIR [key=value ...]
-Writes OUT_DIR/probe-rank{R}.pid at start and OUT_DIR/probe-rank{R}.json at the end: the exit
-code, DDP's gradient all-reduces, the optimizer steps taken, and every other collective by the
-optimizer step it came after. Then exits with train's exit code.
+The loop settings are stand_in.LOOP, then the key=value arguments. Writes OUT_DIR/probe-rank{R}.pid
+at start and OUT_DIR/probe-rank{R}.json at the end: the exit code, DDP's gradient all-reduces, the
+optimizer steps taken, and every other collective ("name:elements") by the optimizer step it came
+after. Then exits with train's exit code.
 Faults to inject, from the environment: PROBE_NAN_AT=RANK:STEP makes that rank's loss NaN in the
 first micro-batch of that optimizer step; PROBE_CONFIG_ERROR_ON=RANK raises a ConfigError on that
 rank alone while the datasets are built; PROBE_NO_CHECKPOINT_ON=RANK makes that rank see no
@@ -20,9 +22,10 @@ import os
 import sys
 from pathlib import Path
 
+import stand_in  # tests/, this script's folder
 import torch
 import torch.distributed as dist
-from faults import SignalOnCall  # tests/, this script's folder
+from faults import SignalOnCall
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
@@ -31,7 +34,6 @@ from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.checkpoint import CheckpointError
 from {{ cookiecutter.package_name }}.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
                "reduce", "gather", "gather_object", "scatter", "reduce_scatter", "all_to_all")  # fmt: skip
 
@@ -62,31 +64,33 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"probe-rank{rank}.pid").write_text(str(os.getpid()))
     torch.nn.parallel.DistributedDataParallel = CountingDDP  # train.py builds it through torch.nn.parallel
+    stand_in.install()
 
     micro_batches = {"n": 0}
-    collectives: collections.Counter = collections.Counter()
+    collectives: dict[int, list[str]] = collections.defaultdict(list)
     steps_taken = {"n": 0}
 
-    def counted(original):
+    def counted(name, original):
         def collective(*args, **kwargs):
             if not CountingDDP.in_hook:
-                collectives[micro_batches["n"] // accum_steps] += 1  # the optimizer step it follows
+                size = args[0].numel() if args and isinstance(args[0], torch.Tensor) else "-"
+                collectives[micro_batches["n"] // accum_steps].append(f"{name}:{size}")  # the step it follows
             return original(*args, **kwargs)
 
         return collective
 
     for name in COLLECTIVES:
-        setattr(dist, name, counted(getattr(dist, name)))
+        setattr(dist, name, counted(name, getattr(dist, name)))
 
     nan_rank, _, nan_step = os.environ.get("PROBE_NAN_AT", "-1:-1").partition(":")
     real_loss = train_module.compute_loss
 
     def loss(output, target):
         micro_batches["n"] += 1
-        value = real_loss(output, target)
+        value, count = real_loss(output, target)
         if rank == int(nan_rank) and micro_batches["n"] == (int(nan_step) - 1) * accum_steps + 1:
             value = value * float("nan")
-        return value
+        return value, count
 
     train_module.compute_loss = loss
     real_step = train_module.optimizer_step
@@ -113,9 +117,9 @@ def main() -> int:
         checkpoint_module.load_checkpoint = unreadable
 
     if os.environ.get("PROBE_SIGTERM_IN_EVAL") == str(rank):
-        evaluate_module.metric_sums = SignalOnCall(evaluate_module.metric_sums, 2)  # in the second batch
+        evaluate_module.metric_totals = SignalOnCall(evaluate_module.metric_totals, 2)  # in the second batch
 
-    code = train_module.main(["--config", str(ROOT / "configs" / "smoke.yaml"), f"out_dir={out_dir}", *sys.argv[2:]])
+    code = train_module.main([*stand_in.LOOP, f"out_dir={out_dir}", *sys.argv[2:]])
     (out_dir / f"probe-rank{rank}.json").write_text(
         json.dumps({
             "exit_code": code,

@@ -14,16 +14,30 @@ from {{ cookiecutter.package_name }}.config import Config, ConfigError, config_f
 from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
 from {{ cookiecutter.package_name }}.train import main, train
 
-from .conftest import ROOT, SMOKE, checkpoint
+from .conftest import ROOT, checkpoint, cli
 
 
 def test_defaults_yaml_and_overrides_are_applied_in_order(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1e-3\nbatch_size: 16\nmax_steps: 500\n")  # 1e-3 is a string to YAML: still accepted
-    cfg = load_config(path, ["batch_size=8", "overwrite=true", "dropout=0"])
+    cfg = load_config(path, ["batch_size=8", "overwrite=true", "clip_grad_norm=0"])
     assert cfg.lr == 1e-3 and cfg.batch_size == 8 and cfg.max_steps == 500 and cfg.overwrite is True
-    assert cfg.dropout == 0.0 and isinstance(cfg.dropout, float)
+    assert cfg.clip_grad_norm == 0.0 and isinstance(cfg.clip_grad_norm, float)
     assert cfg.weight_decay == Config().weight_decay
+
+
+def test_the_task_settings_are_one_group_in_yaml_command_line_and_checkpoint(tmp_path):
+    # Whatever TaskConfig (task.py) holds: its first setting, given as YAML and as task.<name>=value.
+    setting = next(iter(to_dict(Config())["task"].items()), None)
+    if setting is None:
+        pytest.skip("TaskConfig in task.py has no settings")
+    name, default = setting
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"lr": 0.5, "task": {name: default}}))
+    cfg = load_config(path)
+    assert getattr(cfg.task, name) == default and cfg.lr == 0.5
+    assert getattr(load_config(path, [f"task.{name}={default}"]).task, name) == default
+    assert to_dict(cfg)["task"][name] == default and config_from_dict(to_dict(cfg)) == cfg
 
 
 def test_config_round_trips_through_yaml_dict_and_checkpoint(make_config):
@@ -53,11 +67,13 @@ def test_config_round_trips_through_yaml_dict_and_checkpoint(make_config):
         (["max_steps"], "override 'max_steps' is not key=value"),
         (["monitor=val_acc_typo"], "monitor 'val_acc_typo' is not a metric of task.py; choose one of ['val_acc', 'val"),
         (["monitor=val_acc", "monitor_mode=min"], "monitor_mode=min contradicts task.py, where val_acc is better when"),
+        (["task.no_such_setting=1"], "unknown config key 'task.no_such_setting'"),
+        (["task=small"], "task must be a mapping of the task's settings (name: value), got 'small'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, overrides, message):
     out_dir = tmp_path / "out"
-    code = main(["--config", str(SMOKE), f"out_dir={out_dir}", *overrides])
+    code = main(cli(out_dir, *overrides))
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
@@ -80,7 +96,7 @@ def test_missing_and_malformed_yaml(tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_unavailable_device_is_rejected_before_anything_is_built(tmp_path, capsys):
     out_dir = tmp_path / "out"
-    assert main(["--config", str(SMOKE), f"out_dir={out_dir}", "device=cuda"]) == 2
+    assert main(cli(out_dir, "device=cuda")) == 2
     assert "is not available" in capsys.readouterr().err
     assert not out_dir.exists()
 
@@ -91,8 +107,6 @@ def test_command_line_error_has_no_traceback(tmp_path):
             sys.executable,
             "-m",
             "{{ cookiecutter.package_name }}.train",
-            "--config",
-            str(SMOKE),
             "batchsize=8",
             f"out_dir={tmp_path / 'out'}",
         ],
@@ -112,10 +126,11 @@ def test_a_checkpoint_config_with_keys_the_code_lacks_still_evaluates(make_confi
     path = Path(cfg.out_dir) / "best.pt"
     state = checkpoint(cfg.out_dir, "best.pt")
     state["config"]["colour"] = "red"
+    state["config"]["task"]["setting_removed_since"] = 4  # and a task setting
     torch.save(state, path)
     with caplog.at_level("WARNING"):
         metrics = evaluate_checkpoint(path)
-    assert f"{path}: config key(s) colour are not in Config any more; ignored" in caplog.text
+    assert f"{path}: config key(s) task.setting_removed_since, colour are not in Config any more" in caplog.text
     assert metrics["val_loss"] == state["metrics"]["val_loss"]
     with pytest.raises(ConfigError, match="lr must be > 0"):  # the known keys are still validated
         config_from_dict({**to_dict(Config()), "lr": 0.0})

@@ -22,8 +22,9 @@ from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.schedule import lr_at
 from {{ cookiecutter.package_name }}.train import TrainingError, main, take_step_values, train
 
+from . import stand_in
 from .augment import augmenting
-from .conftest import ROOT, SMOKE, assert_same_weights, checkpoint, nan_loss_on, record_saves, train_records
+from .conftest import ROOT, assert_same_weights, checkpoint, cli, nan_loss_on, record_saves, train_records
 from .faults import SignalOnCall
 
 # 1024 samples / batch 32 = 32 micro-batches per epoch = 16 optimizer steps with accum_steps=2.
@@ -48,7 +49,7 @@ def assert_same_run(a: str, b: str) -> None:
 @pytest.fixture
 def augmented(monkeypatch):
     """Random augmentation in the training set's __getitem__: what exact resume must survive."""
-    monkeypatch.setattr(train_module, "build_datasets", augmenting(train_module.build_datasets))
+    monkeypatch.setattr(train_module, "build_datasets", augmenting(train_module.build_datasets, stand_in.VOCAB))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -74,9 +75,9 @@ def test_a_stop_during_evaluation_saves_at_once_and_the_resumed_run_evaluates_fi
     reference = make_config(*run, name="reference")
     train(reference)
     interrupted = make_config(*run, name="interrupted")
-    sigterm_on_the_third_batch = SignalOnCall(evaluate_module.metric_sums, 3)
+    sigterm_on_the_third_batch = SignalOnCall(evaluate_module.metric_totals, 3)
     with monkeypatch.context() as patch:
-        patch.setattr(evaluate_module, "metric_sums", sigterm_on_the_third_batch)
+        patch.setattr(evaluate_module, "metric_totals", sigterm_on_the_third_batch)
         summary = train(interrupted)
     assert summary["step"] == 10 and summary["exit_code"] == 143
     assert sigterm_on_the_third_batch.calls == 3  # the other 13 batches of the evaluation were not waited for
@@ -90,9 +91,9 @@ def start_training(
     out_dir: Path, *overrides: str, new_session: bool = False, augment: bool = False
 ) -> subprocess.Popen:
     """A real training process, its log lines readable as they come; ``augment``: with tests/augment.py."""
-    command = [str(ROOT / "tests" / "augmented_train.py")] if augment else ["-m", "{{ cookiecutter.package_name }}.train"]
+    command = [str(ROOT / "tests" / "stand_in_cli.py"), "train", *(["--augment"] if augment else [])]
     return subprocess.Popen(
-        [sys.executable, *command, "--config", str(SMOKE), "device=cpu", f"out_dir={out_dir}", *overrides],
+        [sys.executable, *command, f"out_dir={out_dir}", *overrides],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}, start_new_session=new_session,
     )  # fmt: skip
@@ -162,22 +163,22 @@ def test_second_ctrl_c_exits_at_once(make_config, monkeypatch, capsys):
         return real_loss(output, target)
 
     monkeypatch.setattr(train_module, "compute_loss", loss_with_two_interrupts)
-    assert main(["--config", str(SMOKE), f"out_dir={cfg.out_dir}", "device=cpu", "accum_steps=2"]) == 130
+    assert main(cli(cfg.out_dir, "accum_steps=2")) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not (Path(cfg.out_dir) / "last.pt").exists()
 
 
 def test_fresh_start_refuses_an_existing_run_unless_told(make_config, capsys):
-    args = ["--config", str(SMOKE), "device=cpu", "max_steps=3", "warmup_steps=0"]
     cfg = make_config()
-    assert main([*args, f"out_dir={cfg.out_dir}"]) == 0
+    args = cli(cfg.out_dir, "max_steps=3", "warmup_steps=0")
+    assert main(args) == 0
     before = (Path(cfg.out_dir) / "last.pt").read_bytes()
     capsys.readouterr()
-    assert main([*args, f"out_dir={cfg.out_dir}"]) == 2
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "resume=auto" in err and "overwrite=true" in err
     assert (Path(cfg.out_dir) / "last.pt").read_bytes() == before
-    assert main([*args, f"out_dir={cfg.out_dir}", "overwrite=true", "seed=5"]) == 0
+    assert main([*args, "overwrite=true", "seed=5"]) == 0
     assert checkpoint(cfg.out_dir)["config"]["seed"] == 5
 
 
@@ -309,22 +310,22 @@ def test_a_damaged_checkpoint_is_reported_and_left_alone(make_config, capsys, da
     damage(last)
     damaged = last.read_bytes()
     metrics = (Path(cfg.out_dir) / "metrics.jsonl").read_bytes()
-    assert main(["--config", str(SMOKE), f"out_dir={cfg.out_dir}", "device=cpu", "resume=auto"]) == 1
+    assert main(cli(cfg.out_dir, "resume=auto")) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: checkpoint {last}") or err.startswith(f"error: {last}")
     assert message in err and err.count("\n") == 1 and "\x1b" not in err and "weights_only=False" not in err
     assert last.read_bytes() == damaged and (Path(cfg.out_dir) / "metrics.jsonl").read_bytes() == metrics
 
 
-def test_a_checkpoint_of_another_model_shape_is_reported(make_config, capsys):
+def test_a_checkpoint_of_another_model_shape_is_reported(make_config, monkeypatch, capsys):
     cfg = make_config("max_steps=3", "warmup_steps=0")
     train(cfg)
     last = Path(cfg.out_dir) / "last.pt"
     before = last.read_bytes()
-    args = ["--config", str(SMOKE), f"out_dir={cfg.out_dir}", "device=cpu", "resume=auto", "hidden_dim=32"]
-    assert main(args) == 1
+    monkeypatch.setattr(stand_in, "WIDTH", 8)  # as if the model's width had been changed since
+    assert main(cli(cfg.out_dir, "resume=auto")) == 1
     err = capsys.readouterr().err
-    assert f"checkpoint {last} does not fit the model" in err and "(64, 16) in the file but (32, 16)" in err
+    assert f"checkpoint {last} does not fit the model" in err and "(16, 32) in the file but (16, 8)" in err
     assert last.read_bytes() == before
 
 
@@ -446,17 +447,7 @@ def test_a_failed_save_during_training_stops_with_a_clear_error(make_config, mon
         real_replace(src, dst)
 
     monkeypatch.setattr(checkpoint_module.os, "replace", replace_fails_second_time)
-    code = main(
-        [
-            "--config",
-            str(SMOKE),
-            f"out_dir={cfg.out_dir}",
-            "device=cpu",
-            "max_steps=30",
-            "ckpt_every=10",
-            "eval_every=100",
-        ]
-    )
+    code = main(cli(cfg.out_dir, "max_steps=30", "ckpt_every=10", "eval_every=100"))
     assert code == 1
     assert "could not save" in capsys.readouterr().err
     assert checkpoint(cfg.out_dir)["step"] == 10  # the previous last.pt, intact

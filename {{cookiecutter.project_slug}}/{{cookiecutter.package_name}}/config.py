@@ -2,7 +2,8 @@
 
 Loaded from YAML, overridden on the command line as ``key=value``, validated
 before anything is built, written to ``out_dir/config.yaml`` and stored as a
-plain dict in every checkpoint.
+plain dict in every checkpoint. The task's own settings are one group, ``task:``
+(``TaskConfig`` in task.py): ``task.num_classes=8`` on the command line.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import dataclasses
 import difflib
 import logging
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .task import TaskConfig, check_task_config
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LR_SCHEDULES = ("warmup_cosine", "onecycle", "step")
@@ -40,16 +43,9 @@ class Config:
     resume: str = ""  # "" starts fresh, "auto" continues from out_dir/last.pt if present, or a path
     overwrite: bool = False  # allow a fresh start in an out_dir that already holds a run
 
-    # --- data (synthetic task in data.py; replace with yours) ---
-    num_classes: int = 4
-    input_dim: int = 16
-    train_size: int = 4096
-    val_size: int = 1024
-    num_workers: int = 0
-
-    # --- model (model.py) ---
-    hidden_dim: int = 64
-    dropout: float = 0.1
+    # --- the task: data, model, loss and metrics (TaskConfig in task.py; yours to replace) ---
+    task: TaskConfig = field(default_factory=TaskConfig)
+    num_workers: int = 0  # DataLoader worker processes per training process
 
     # --- optimisation ---
     lr: float = 3e-3
@@ -81,7 +77,9 @@ class Config:
     dist_timeout_minutes: float = 10.0  # a collective waiting longer (a rank died or hangs) fails the run
 
 
-FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+# Every key, as written on the command line: task settings as task.<name>.
+FIELD_TYPES = {f.name: f.type for f in fields(Config) if f.name != "task"}
+FIELD_TYPES.update({f"task.{f.name}": f.type for f in fields(TaskConfig)})
 
 
 def _suggest(name: str) -> str:
@@ -126,11 +124,25 @@ def parse_value(key: str, raw: Any) -> Any:
 _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
 
 
+def flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"task": {"num_classes": 4}}`` (YAML, checkpoints) as ``{"task.num_classes": 4}`` (command line)."""
+    flat = {}
+    for key, value in values.items():
+        if key == "task":
+            if not isinstance(value, dict):
+                raise ConfigError(f"task must be a mapping of the task's settings (name: value), got {value!r}")
+            flat.update({f"task.{name}": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
-    for key, raw in values.items():
+    for key, raw in flatten(values).items():
         if key not in FIELD_TYPES:
             raise ConfigError(f"unknown config key '{key}'{_suggest(key)}")
-        setattr(cfg, key, parse_value(key, raw))
+        group, _, name = key.rpartition(".")
+        setattr(cfg.task if group else cfg, name, parse_value(key, raw))
     return cfg
 
 
@@ -181,6 +193,7 @@ def config_from_dict(values: dict[str, Any], source: str = "the checkpoint") -> 
     Keys that ``Config`` no longer has (removed since the checkpoint was saved) are named in a
     warning and ignored, so that an older checkpoint still evaluates when its model loads.
     """
+    values = flatten(values)
     unknown = [key for key in values if key not in FIELD_TYPES]
     if unknown:
         log.warning("%s: config key(s) %s are not in Config any more; ignored", source, ", ".join(unknown))
@@ -226,10 +239,9 @@ def validate(cfg: Config) -> None:
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
     for key in ("num_workers", "num_threads"):
         require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
-    for key in ("num_classes", "input_dim", "hidden_dim", "train_size", "val_size"):
-        require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
     require(cfg.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
-    require(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
+    for problem in check_task_config(cfg.task):
+        raise ConfigError(problem)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -237,7 +249,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Fields whose values differ between two config dicts: {key: (old, new)}."""
+    """Fields whose values differ between two config dicts: {key: (old, new)}, task settings as task.<name>."""
+    old, new = flatten(old), flatten(new)
     keys = list(dict.fromkeys([*old, *new]))
     return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
 

@@ -4,7 +4,7 @@
 datasets (``__len__`` and ``__getitem__``) whose items are ``(input, target)``.
 The loop never looks inside them. The stand-in below is a synthetic
 classification task generated from the seed (no downloads): Gaussian clusters,
-one per class, in ``input_dim`` dimensions.
+one per class, in ``task.input_dim`` dimensions.
 
 If you add random augmentation, draw it inside ``__getitem__`` (from torch,
 NumPy or Python's ``random``): a DataLoader worker seeds them before each
@@ -40,5 +40,6 @@ def _clusters(n: int, centers: torch.Tensor, generator: torch.Generator) -> Tens
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     # A private generator: building the data never moves the global RNG streams.
     generator = torch.Generator().manual_seed(cfg.seed)
-    centers = 1.2 * torch.randn(cfg.num_classes, cfg.input_dim, generator=generator)
-    return _clusters(cfg.train_size, centers, generator), _clusters(cfg.val_size, centers, generator)
+    task = cfg.task  # this task's settings (task.py)
+    centers = 1.2 * torch.randn(task.num_classes, task.input_dim, generator=generator)
+    return _clusters(task.train_size, centers, generator), _clusters(task.val_size, centers, generator)

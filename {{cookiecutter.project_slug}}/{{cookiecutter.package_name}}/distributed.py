@@ -48,6 +48,12 @@ class Dist:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
         return int(flag.item())
 
+    def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over all ranks, on their device: no host sync (identity when alone)."""
+        if self.enabled:
+            dist.all_reduce(values)
+        return values
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(group=self.control)

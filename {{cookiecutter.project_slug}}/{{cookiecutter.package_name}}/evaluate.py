@@ -24,7 +24,7 @@ from .data import build_datasets
 from .loader import build_loaders
 from .model import build_model
 from .precision import Precision, resolve_device, resolve_precision
-from .task import metric_sums
+from .task import compute_metrics, metric_totals
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +36,17 @@ def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision,
     stop: Callable[[int], bool] | None = None,
 ) -> dict[str, float] | None:  # fmt: skip
-    """Mean of each metric over the whole validation set (sums / samples, read once at the end).
+    """The task's metrics over the whole validation set: ``metric_totals`` added up over every batch
+    (and every process), then ``compute_metrics`` once, read back once at the end.
 
     ``stop(batch_index)`` is asked before each batch: True abandons the evaluation (returns None),
     so that a preempted job saves at once instead of after a long evaluation.
     """
     was_training = model.training
     model.eval()
-    # Running sums on the device, in float64 (MPS has none: float32 there), read once at the end.
+    # Running totals on the device, in float64 (MPS has none: float32 there).
     dtype = torch.float32 if device.type == "mps" else torch.float64
     totals: dict[str, torch.Tensor] = {}
-    count = 0
     try:
         for index, (inputs, targets) in enumerate(loader):
             if stop is not None and stop(index):
@@ -55,19 +55,24 @@ def evaluate(
             targets = targets.to(device, non_blocking=True)
             with precision.autocast():
                 output = model(inputs)
-            for name, value in metric_sums(output, targets).items():
-                if name not in totals:
-                    totals[name] = torch.zeros((), dtype=dtype, device=device)
-                totals[name] += value
-            count += len(targets)
+            for name, value in metric_totals(output, targets).items():
+                value = torch.as_tensor(value, device=device).to(dtype)
+                totals[name] = totals[name] + value if name in totals else value
     finally:
         model.train(was_training)
-    names = list(totals)
-    summed = torch.stack([*totals.values(), torch.tensor(count, dtype=dtype, device=device)])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(summed)  # sums over every shard, not a mean of means
-    *values, total = summed.tolist()
-    return {name: value / total for name, value in zip(names, values, strict=True)}
+        totals = sum_over_processes(totals)  # the whole set's totals, not a mean of the shards' metrics
+    metrics = compute_metrics(totals)
+    values = torch.stack([torch.as_tensor(value, device=device).to(dtype) for value in metrics.values()])
+    return dict(zip(metrics, values.tolist(), strict=True))
+
+
+def sum_over_processes(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each total (of any shape) summed over every torchrun process, in one all-reduce."""
+    flat = torch.cat([value.reshape(-1) for value in totals.values()])
+    torch.distributed.all_reduce(flat)
+    pieces = flat.split([value.numel() for value in totals.values()])
+    return {name: piece.view_as(value) for (name, value), piece in zip(totals.items(), pieces, strict=True)}
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) -> dict[str, float]:

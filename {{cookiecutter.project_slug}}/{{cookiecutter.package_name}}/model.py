@@ -12,12 +12,13 @@ from .config import Config
 
 
 def build_model(cfg: Config) -> nn.Module:
+    task = cfg.task  # this task's settings (task.py)
     return nn.Sequential(
-        nn.Linear(cfg.input_dim, cfg.hidden_dim),
+        nn.Linear(task.input_dim, task.hidden_dim),
         nn.GELU(),
-        nn.Dropout(cfg.dropout),
-        nn.Linear(cfg.hidden_dim, cfg.hidden_dim),
+        nn.Dropout(task.dropout),
+        nn.Linear(task.hidden_dim, task.hidden_dim),
         nn.GELU(),
-        nn.Dropout(cfg.dropout),
-        nn.Linear(cfg.hidden_dim, cfg.num_classes),
+        nn.Dropout(task.dropout),
+        nn.Linear(task.hidden_dim, task.num_classes),
     )

@@ -85,6 +85,21 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
 
 
+def gradients_by_device(params: list[nn.Parameter]) -> dict[torch.device, list[torch.Tensor]]:
+    """The parameters' gradients, grouped by device (a model may span several); those without one left out."""
+    grads_on: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            grads_on.setdefault(p.grad.device, []).append(p.grad)
+    return grads_on
+
+
+def divide_gradients(params: list[nn.Parameter], divisor: torch.Tensor) -> None:
+    """Divide every gradient by ``divisor``, a tensor (no host sync)."""
+    for device, grads in gradients_by_device(params).items():
+        torch._foreach_div_(grads, divisor.to(device))
+
+
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Essential 4: scale the gradients so their total norm is at most ``max_norm`` (0: leave them alone).
 
@@ -94,10 +109,7 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     small model: it regroups the gradients twice per call. Parameters without a
     gradient are left out; a model spread over several devices works.
     """
-    grads_on: dict[torch.device, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            grads_on.setdefault(p.grad.device, []).append(p.grad)
+    grads_on = gradients_by_device(params)
     if not grads_on:
         return torch.zeros(())
     first = next(iter(grads_on))
@@ -134,15 +146,12 @@ class StepValues:
     def add(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.pending.append(torch.stack((step_loss, grad_norm)))
 
-    def read(self, ctx: distributed.Dist) -> list[list[float]]:
-        """One host sync for every step since the last read; under torchrun, the mean over ranks."""
+    def read(self) -> list[list[float]]:
+        """One host sync for every step since the last read (the values are the same on every rank)."""
         if not self.pending:
             return []
         rows = torch.stack(self.pending).float()
         self.pending.clear()
-        if ctx.enabled:  # grad norms are the same on every rank (all-reduced gradients); losses differ
-            torch.distributed.all_reduce(rows)
-            rows /= ctx.world_size
         return rows.tolist()
 
 
@@ -152,7 +161,7 @@ def take_step_values(run: RunState, rows: list[list[float]], fp16: bool, cfg: Co
     A step was skipped when its gradient norm is not finite (see the loop). It is bad when its loss is
     not finite, or its gradients are not, except with fp16, where the GradScaler overflows on purpose
     now and then to find its scale (it then lowers the scale). A NaN on any rank reaches every rank's
-    mean, so every rank counts the same.
+    loss (summed over ranks) and gradients (all-reduced), so every rank counts the same.
     """
     bad_steps = []
     for step, (loss, grad_norm) in enumerate(rows, start=run.step - len(rows) + 1):
@@ -188,6 +197,8 @@ def monitor_goal(cfg: Config) -> str:
     if cfg.monitor not in METRIC_GOALS:
         raise ConfigError(f"monitor '{cfg.monitor}' is not a metric of task.py; choose one of {sorted(METRIC_GOALS)}")
     goal = METRIC_GOALS[cfg.monitor]
+    if goal not in ("min", "max"):
+        raise ConfigError(f"METRIC_GOALS in task.py says {goal!r} for {cfg.monitor}: it must be 'min' or 'max'")
     if cfg.monitor_mode not in ("auto", goal):
         raise ConfigError(
             f"monitor_mode={cfg.monitor_mode} contradicts task.py, where {cfg.monitor} is better when "
@@ -395,20 +406,27 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     with stop, redirect:
         loop_started = time.perf_counter()
         while state.step < cfg.max_steps:
-            step_loss = torch.zeros((), device=device)  # summed over the micro-batches, on the device
+            step_loss = torch.zeros((), device=device)  # the loss summed over the step's terms, on the device
+            step_count = torch.zeros((), device=device)  # how many terms (samples, tokens...) it summed
             for micro in range(cfg.accum_steps):
                 inputs, targets = next(batches)
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 with no_sync() if micro < last_micro else contextlib.nullcontext():
                     with precision.autocast():
-                        # accum: each micro-batch's mean loss / accum_steps, so that the summed
-                        # gradients equal those of one batch of batch_size * accum_steps.
-                        loss = compute_loss(model(inputs), targets) / cfg.accum_steps
-                    scaler.scale(loss).backward()  # fp16: scaled up so small gradients do not underflow
-                step_loss += loss.detach()
+                        loss_sum, count = compute_loss(model(inputs), targets)  # (sum, count): task.py
+                    # The SUM's gradients accumulate; the step divides them by its total count below.
+                    scaler.scale(loss_sum).backward()  # fp16: scaled up so small gradients do not underflow
+                step_loss += loss_sum.detach()
+                step_count += count
 
+            # Accumulation (and torchrun): the step's gradients are those of its mean loss over ALL its terms,
+            # in every micro-batch of every rank, however many each holds (padding, masked targets): the
+            # summed loss's gradients (DDP averaged them over ranks) divided by total count / world_size.
+            totals = ctx.sum_over_ranks(torch.stack((step_loss, step_count)))  # one 2-number all-reduce
+            loss_sum, count = totals[0], totals[1].clamp(min=1)  # no terms at all: the sum is 0, the mean 0
             scaler.unscale_(optimizer)  # fp16: back to true gradients, before clipping sees them
+            divide_gradients(params, count / ctx.world_size)
             grad_norm = clip_gradients(params, cfg.clip_grad_norm).to(device)  # (a CPU 0 if no gradient)
             # The non-finite guard: a step whose gradients hold an inf or NaN would corrupt the weights,
             # so it is skipped, on the device. Under DDP the gradients were all-reduced: every rank skips.
@@ -421,7 +439,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            step_values.add(step_loss, grad_norm)
+            step_values.add(loss_sum / count, grad_norm)
 
             # --- between steps: logging, validation, checkpoints (the only places values are read) ---
             final = state.step == cfg.max_steps
@@ -434,7 +452,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
                 stop_signal = ctx.agree_max(stop.signum or 0)
             if not (do_log or do_eval or do_ckpt or stop_signal):
                 continue
-            take_step_values(state, step_values.read(ctx), scaler.is_enabled(), cfg)
+            take_step_values(state, step_values.read(), scaler.is_enabled(), cfg)
             if do_log:
                 record = train_record(state, lr)
                 metrics_log.write(record)  # rank 0 only

@@ -1,0 +1,109 @@
+"""The task the loop's guarantee tests train: the tests' own, not yours.
+
+Every test file except test_your_task.py runs the loop on this task, put in
+place through the same seams you edit (build_datasets, build_model,
+compute_loss, metric_totals, compute_metrics, METRIC_GOALS), with the loop
+settings in ``LOOP`` instead of your configs. So when you replace data.py,
+model.py, task.py and the configs, these tests still prove the loop.
+
+The task is next-token prediction on sequences of different lengths, padded
+to ``MAX_LEN``, with the padding's targets masked (``IGNORE``): every batch holds
+a different number of loss terms, as in language-model training.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from {{ cookiecutter.package_name }} import evaluate as evaluate_module
+from {{ cookiecutter.package_name }} import plot as plot_module
+from {{ cookiecutter.package_name }} import train as train_module
+
+VOCAB, MAX_LEN, IGNORE = 16, 12, -100
+# Set by a test (monkeypatch) or, for the scripts tests start, by the environment; read when building.
+TRAIN_SIZE = 1024  # 32 batches of 32 per epoch
+VAL_SIZE = int(os.environ.get("STAND_IN_VAL_SIZE", "512"))
+DROPOUT = float(os.environ.get("STAND_IN_DROPOUT", "0.1"))
+WIDTH = int(os.environ.get("STAND_IN_WIDTH", "32"))
+
+# The loop settings of every guarantee test, before its own: none is left to config.py's defaults or
+# to configs/*.yaml, which are yours to change.
+LOOP = [
+    *("device=cpu", "num_threads=1", "precision={{ cookiecutter.precision }}", "seed=0", "num_workers=0"),
+    *("lr_schedule={{ cookiecutter.lr_schedule }}", "lr=1e-2", "min_lr=1e-4", "warmup_steps=10", "decay_steps=0"),
+    *("lr_step_size=60", "lr_gamma=0.3", "weight_decay=0.01", "clip_grad_norm=1.0", "max_bad_steps=5"),
+    *("batch_size=32", "accum_steps=1", "max_steps=120", "eval_every=40", "log_every=20", "ckpt_every=40"),
+    *("monitor=val_loss", "monitor_mode=auto", "compile=false", "tensorboard=false", "progress=true", "tf32=true"),
+    *("resume=", "overwrite=false", "dist_timeout_minutes=10"),
+]
+METRIC_GOALS = {"val_loss": "min", "val_acc": "max"}
+
+
+class Sequences(Dataset):
+    """(tokens, next tokens) pairs, padded to MAX_LEN; the targets past each sequence's length are IGNORE."""
+
+    def __init__(self, size: int, generator: torch.Generator):
+        lengths = torch.randint(1, MAX_LEN + 1, (size,), generator=generator)
+        # A learnable rule (the next token is 3 x + 1 mod VOCAB) with one token in five random.
+        tokens = torch.zeros(size, MAX_LEN + 1, dtype=torch.long)
+        tokens[:, 0] = torch.randint(VOCAB, (size,), generator=generator)
+        for t in range(MAX_LEN):
+            noise = torch.randint(VOCAB, (size,), generator=generator)
+            random = torch.rand(size, generator=generator) < 0.2
+            tokens[:, t + 1] = torch.where(random, noise, (3 * tokens[:, t] + 1) % VOCAB)
+        past_end = torch.arange(MAX_LEN + 1) >= lengths[:, None] + 1
+        self.inputs = tokens[:, :-1].masked_fill(past_end[:, :-1], 0)
+        self.targets = tokens[:, 1:].masked_fill(past_end[:, 1:], IGNORE)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
+def build_datasets(cfg) -> tuple[Dataset, Dataset]:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return Sequences(TRAIN_SIZE, generator), Sequences(VAL_SIZE, generator)
+
+
+def build_model(cfg) -> nn.Module:
+    return nn.Sequential(
+        nn.Embedding(VOCAB, WIDTH),
+        nn.Linear(WIDTH, WIDTH),
+        nn.GELU(),
+        nn.Dropout(DROPOUT),
+        nn.Linear(WIDTH, VOCAB),
+    )
+
+
+def compute_loss(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    loss_sum = F.cross_entropy(output.float().flatten(0, -2), target.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss_sum, (target != IGNORE).sum()
+
+
+def metric_totals(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    loss_sum, tokens = compute_loss(output, target)
+    correct = ((output.argmax(dim=-1) == target) & (target != IGNORE)).sum()
+    return {"loss": loss_sum, "correct": correct, "tokens": tokens}
+
+
+def compute_metrics(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"val_loss": totals["loss"] / totals["tokens"], "val_acc": totals["correct"] / totals["tokens"]}
+
+
+def install(set_attribute=setattr) -> None:
+    """Put this task in the loop's seams; ``set_attribute``: pytest's ``monkeypatch.setattr`` in tests."""
+    for module in (train_module, evaluate_module):
+        set_attribute(module, "build_datasets", build_datasets)
+        set_attribute(module, "build_model", build_model)
+    set_attribute(train_module, "compute_loss", compute_loss)
+    set_attribute(train_module, "METRIC_GOALS", METRIC_GOALS)
+    set_attribute(plot_module, "METRIC_GOALS", METRIC_GOALS)
+    set_attribute(evaluate_module, "metric_totals", metric_totals)
+    set_attribute(evaluate_module, "compute_metrics", compute_metrics)

@@ -1,0 +1,92 @@
+"""YOUR task: data.py, model.py, task.py and configs/smoke.yaml fit the loop, and the smoke config learns.
+
+These tests run your code, so they follow it: adjust them when you replace the task (the thresholds
+of ``test_smoke_training_learns`` especially). Every other test file proves the loop itself, on a task
+of its own (stand_in.py), and must stay green whatever you put here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from {{ cookiecutter.package_name }}.config import load_config
+from {{ cookiecutter.package_name }}.data import build_datasets
+from {{ cookiecutter.package_name }}.evaluate import evaluate
+from {{ cookiecutter.package_name }}.metrics import read_metrics
+from {{ cookiecutter.package_name }}.model import build_model
+from {{ cookiecutter.package_name }}.precision import Precision
+from {{ cookiecutter.package_name }}.task import METRIC_GOALS, compute_loss, compute_metrics, metric_totals
+from {{ cookiecutter.package_name }}.train import train
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.your_task
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture
+def smoke(tmp_path):
+    """configs/smoke.yaml on the CPU, writing under tmp_path, with the model and a batch of it."""
+    torch.manual_seed(0)
+    cfg = load_config(SMOKE, [f"out_dir={tmp_path / 'run'}", "device=cpu"])
+    train_set, val_set = build_datasets(cfg)
+    inputs, targets = next(iter(DataLoader(train_set, batch_size=max(cfg.batch_size, 4), shuffle=True)))
+    return cfg, build_model(cfg), inputs, targets
+
+
+def test_one_batch_goes_forward_and_backward(smoke):
+    cfg, model, inputs, targets = smoke
+    loss_sum, count = compute_loss(model(inputs), targets)
+    assert loss_sum.ndim == 0 and math.isfinite(loss_sum.item()) and int(count) > 0
+    (loss_sum / count).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None for g in grads), "no parameter received a gradient"
+    assert all(torch.isfinite(g).all() for g in grads if g is not None)
+
+
+def test_the_loss_is_a_sum_and_a_count(smoke):
+    # The loop divides the step's total sum by its total count: a mean here would weigh batches wrongly.
+    _, model, inputs, targets = smoke
+    model.eval()  # no dropout: the halves and the whole see the same model
+    half = len(inputs) // 2
+    with torch.no_grad():
+        whole = compute_loss(model(inputs), targets)
+        parts = [compute_loss(model(inputs[s]), targets[s]) for s in (slice(None, half), slice(half, None))]
+    torch.testing.assert_close(whole[0], parts[0][0] + parts[1][0], rtol=1e-4, atol=1e-4)
+    assert int(whole[1]) == int(parts[0][1]) + int(parts[1][1])
+
+
+def test_the_metrics_add_up_over_batches(smoke):
+    # Evaluation adds metric_totals over batches (and processes), then calls compute_metrics once.
+    cfg, model, inputs, targets = smoke
+    model.eval()
+    half = len(inputs) // 2
+    with torch.no_grad():
+        output = model(inputs)
+        whole = metric_totals(output, targets)
+        first, second = metric_totals(output[:half], targets[:half]), metric_totals(output[half:], targets[half:])
+    for name, value in whole.items():
+        added = torch.as_tensor(first[name], dtype=torch.float64) + torch.as_tensor(second[name], dtype=torch.float64)
+        torch.testing.assert_close(torch.as_tensor(value, dtype=torch.float64), added, rtol=1e-4, atol=1e-4)
+    totals = {name: torch.as_tensor(value, dtype=torch.float64) for name, value in whole.items()}
+    metrics = compute_metrics(totals)
+    assert set(metrics) == set(METRIC_GOALS), "METRIC_GOALS (task.py) names every metric, with its direction"
+    assert set(METRIC_GOALS.values()) <= {"min", "max"}
+    assert cfg.monitor in metrics, f"configs/smoke.yaml monitors '{cfg.monitor}', which task.py does not measure"
+
+
+def test_smoke_training_learns(smoke):
+    cfg, untrained, _, _ = smoke
+    _, val_set = build_datasets(cfg)
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size)
+    before = evaluate(untrained, val_loader, torch.device("cpu"), Precision("fp32", "cpu"))
+    summary = train(cfg)
+    losses = [r["loss"] for r in read_metrics(Path(cfg.out_dir) / "metrics.jsonl") if "loss" in r]
+    assert losses[-1] < losses[0] / 2, losses  # the training loss halves, at least
+    after = summary["metrics"][cfg.monitor]
+    assert after < before[cfg.monitor] if METRIC_GOALS[cfg.monitor] == "min" else after > before[cfg.monitor]
