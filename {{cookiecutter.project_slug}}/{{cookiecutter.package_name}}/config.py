@@ -77,9 +77,14 @@ class Config:
     dist_timeout_minutes: float = 10.0  # a collective waiting longer (a rank died or hangs) fails the run
 
 
-# Every key, as written on the command line: task settings as task.<name>.
-FIELD_TYPES = {f.name: f.type for f in fields(Config) if f.name != "task"}
-FIELD_TYPES.update({f"task.{f.name}": f.type for f in fields(TaskConfig)})
+def _type_name(kind: Any) -> str:
+    """'int' for ``int`` too: a dataclass in a module without ``from __future__ import annotations``."""
+    return kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+
+
+# Every key, as written on the command line (task settings as task.<name>), and its type's name.
+FIELD_TYPES = {f.name: _type_name(f.type) for f in fields(Config) if f.name != "task"}
+FIELD_TYPES.update({f"task.{f.name}": _type_name(f.type) for f in fields(TaskConfig)})
 
 
 def _suggest(name: str) -> str:
