@@ -41,7 +41,7 @@ LOOP = [
     *("monitor=val_loss", "monitor_mode=auto", "compile=false", "tensorboard=false", "progress=true", "tf32=true"),
     *("resume=", "overwrite=false", "dist_timeout_minutes=10"),
 ]
-METRIC_GOALS = {"val_loss": "min", "val_acc": "max"}
+METRIC_GOALS = {"val_loss": "min", "val_acc": "max", "val_class_acc": "max"}
 
 
 class Sequences(Dataset):
@@ -88,13 +88,23 @@ def compute_loss(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
 
 
 def metric_totals(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    loss_sum, tokens = compute_loss(output, target)
-    correct = ((output.argmax(dim=-1) == target) & (target != IGNORE)).sum()
-    return {"loss": loss_sum, "correct": correct, "tokens": tokens}
+    """The loss's sum, and per target token (a vector: totals may have any shape) how many and how many right."""
+    loss_sum, _ = compute_loss(output, target)
+    real = target != IGNORE
+    right = output.argmax(dim=-1)[real] == target[real]
+    per_token = torch.bincount(target[real], minlength=VOCAB)
+    right_per_token = torch.bincount(target[real], weights=right.double(), minlength=VOCAB)
+    return {"loss": loss_sum, "tokens": per_token, "right": right_per_token}
 
 
 def compute_metrics(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"val_loss": totals["loss"] / totals["tokens"], "val_acc": totals["correct"] / totals["tokens"]}
+    tokens, right = totals["tokens"], totals["right"]
+    seen = tokens > 0
+    return {
+        "val_loss": totals["loss"] / tokens.sum(),
+        "val_acc": right.sum() / tokens.sum(),
+        "val_class_acc": (right[seen] / tokens[seen]).mean(),  # over the whole set, not a mean over batches
+    }
 
 
 def install(set_attribute=setattr) -> None:

@@ -58,7 +58,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monke
     single = read_metrics(Path(reference.out_dir) / "metrics.jsonl")
     for ours, theirs in zip(records, single, strict=True):
         assert ours.keys() == theirs.keys() and ours["step"] == theirs["step"]
-        for key in ("loss", "grad_norm", "val_loss", "val_acc"):
+        for key in ("loss", "grad_norm", "val_loss", "val_acc", "val_class_acc"):
             if key in ours:
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (ours, theirs)
     a, b = checkpoint(out_dir)["model"], checkpoint(reference.out_dir)["model"]
@@ -69,6 +69,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monke
     measured_alone = evaluate_checkpoint(out_dir / "last.pt")
     assert records[-1]["val_loss"] == pytest.approx(measured_alone["val_loss"], rel=1e-6)  # fp32 batch sums
     assert records[-1]["val_acc"] == measured_alone["val_acc"]
+    assert records[-1]["val_class_acc"] == pytest.approx(measured_alone["val_class_acc"], rel=1e-12)  # vector totals
 
     # Gradients were all-reduced once per optimizer step, not once per micro-batch; every rank skipped step 5.
     assert [p["allreduce_calls"] for p in probes(out_dir)] == [12, 12]

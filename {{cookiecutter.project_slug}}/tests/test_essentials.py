@@ -9,7 +9,8 @@ import torch
 
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.config import load_config
-from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
+from {{ cookiecutter.package_name }}.evaluate import evaluate, evaluate_checkpoint
+from {{ cookiecutter.package_name }}.precision import Precision
 from {{ cookiecutter.package_name }}.schedule import build_scheduler, lr_at
 from {{ cookiecutter.package_name }}.train import clip_gradients, train
 
@@ -247,6 +248,26 @@ def test_training_logs_the_scheduled_lr(make_config):
 
 
 # --- 6. validation + best checkpoint ---
+
+
+def test_metrics_are_computed_once_from_the_whole_sets_totals(make_config):
+    # Batches of 7 over 100 sequences, the last one short: a mean over batches would weigh them wrongly.
+    cfg = make_config()
+    _, val_set = stand_in.build_datasets(cfg)
+    val_set = torch.utils.data.Subset(val_set, range(100))
+    model = stand_in.build_model(cfg).eval()
+    loader = torch.utils.data.DataLoader(val_set, batch_size=7)
+    metrics = evaluate(model, loader, torch.device("cpu"), Precision("fp32", "cpu"))
+    with torch.no_grad():
+        output = torch.cat([model(inputs) for inputs, _ in loader])
+    targets = torch.cat([targets for _, targets in loader])
+    real = targets != stand_in.IGNORE
+    right = output.argmax(dim=-1)[real] == targets[real]
+    per_class = [right[targets[real] == c].double().mean() for c in targets[real].unique()]
+    assert metrics["val_acc"] == pytest.approx(right.double().mean().item(), rel=1e-12)
+    assert metrics["val_class_acc"] == pytest.approx(torch.stack(per_class).mean().item(), rel=1e-12)
+    loss = torch.nn.functional.cross_entropy(output.flatten(0, 1), targets.flatten(), ignore_index=stand_in.IGNORE)
+    assert metrics["val_loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_best_checkpoint_is_replaced_only_on_improvement(make_config, monkeypatch):

@@ -87,6 +87,7 @@ def test_smoke_training_learns(smoke):
     before = evaluate(untrained, val_loader, torch.device("cpu"), Precision("fp32", "cpu"))
     summary = train(cfg)
     losses = [r["loss"] for r in read_metrics(Path(cfg.out_dir) / "metrics.jsonl") if "loss" in r]
-    assert losses[-1] < losses[0] / 2, losses  # the training loss halves, at least
+    assert losses[-1] < losses[0], losses
+    # Better than the untrained model on the validation set (raise the bar to what your task reaches).
     after = summary["metrics"][cfg.monitor]
     assert after < before[cfg.monitor] if METRIC_GOALS[cfg.monitor] == "min" else after > before[cfg.monitor]
