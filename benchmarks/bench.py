@@ -97,7 +97,8 @@ def make_config(mods, task, device, precision: str, accum: int, steps: int, out_
 def task_installed(mods, task):
     """Point the generated project's user-replaced parts (data, model, loss, metric) at the task's, if it has them."""
     patches = {("train", "build_datasets"): task.build_datasets, ("train", "build_model"): task.build_model,
-               ("train", "compute_loss"): task.compute_loss, ("evaluate", "metric_sums"): task.metric_sums}  # fmt: skip
+               ("train", "compute_loss"): task.compute_loss, ("evaluate", "metric_totals"): task.metric_totals,
+               ("evaluate", "compute_metrics"): task.compute_metrics}  # fmt: skip
     saved = {}
     for (module, name), value in patches.items():
         if value is not None:
@@ -133,7 +134,8 @@ def bare_loop(mods, task, cfg, device) -> float:
             inputs, targets = next(batches)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with precision.autocast():
-                loss = compute_loss(model(inputs), targets)
+                loss_sum, count = compute_loss(model(inputs), targets)
+            loss = loss_sum / count  # the textbook loop: each micro-batch's mean, divided by accum_steps
             if cfg.accum_steps > 1:
                 loss = loss / cfg.accum_steps
             loss.backward()

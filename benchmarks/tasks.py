@@ -45,7 +45,7 @@ def lm_data(cfg):
             tokens[:, t + 1] = torch.multinomial(transitions[tokens[:, t]], 1, generator=g).squeeze(1)
         return Pairs(tokens[:, :-1], tokens[:, 1:])
 
-    return make(cfg.train_size), make(cfg.val_size)
+    return make(cfg.task.train_size), make(cfg.task.val_size)
 
 
 class TinyLM(nn.Module):
@@ -65,18 +65,20 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
 
-def lm_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output.float().flatten(0, 1), target.flatten())
+def lm_loss(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return F.cross_entropy(output.float().flatten(0, 1), target.flatten(), reduction="sum"), target.numel()
 
 
-def lm_sums(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    # Per-sequence means, summed over the batch (every sequence has the same length).
-    length = target.shape[1]
-    loss_sum = F.cross_entropy(output.flatten(0, 1).float(), target.flatten(), reduction="sum")
+def lm_totals(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor | int]:
+    loss_sum, tokens = lm_loss(output, target)
     # A token is right when its target's logit is the largest: argmax up to exact ties, and on
     # the CPU about 15x faster than argmax over a 256-token vocabulary.
     right = output.gather(-1, target.unsqueeze(-1)).squeeze(-1) >= output.amax(dim=-1)
-    return {"val_loss": loss_sum / length, "val_acc": right.sum() / length}
+    return {"loss": loss_sum, "right": right.sum(), "tokens": tokens}
+
+
+def lm_metrics(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"val_loss": totals["loss"] / totals["tokens"], "val_acc": totals["right"] / totals["tokens"]}
 
 
 def lm_flops_per_sample(cfg) -> float:
@@ -94,7 +96,8 @@ class Task:
     build_datasets: Callable | None = None
     build_model: Callable | None = None
     compute_loss: Callable | None = None
-    metric_sums: Callable | None = None
+    metric_totals: Callable | None = None
+    compute_metrics: Callable | None = None
     flops_per_sample: Callable | None = None
     # The median of many short interleaved runs shrugs off this shared machine's slow swings
     # (single rounds differ by up to 10%) better than a few long runs.
@@ -105,25 +108,26 @@ TASKS = {
     "mlp": Task(
         "mlp",
         (
-            "input_dim=20",
-            "hidden_dim=64",
-            "num_classes=10",
-            "dropout=0",
+            "task.input_dim=20",
+            "task.hidden_dim=64",
+            "task.num_classes=10",
+            "task.dropout=0",
             "batch_size=64",
-            "train_size=8192",
-            "val_size=2048",
+            "task.train_size=8192",
+            "task.val_size=2048",
         ),
         600,
         rounds_multiplier=2,
     ),  # fmt: skip
     "transformer": Task(
         "transformer",
-        ("batch_size=16", "train_size=1024", "val_size=256"),
+        ("batch_size=16", "task.train_size=1024", "task.val_size=256"),
         12,
         lm_data,
         lambda cfg: TinyLM(),
         lm_loss,
-        lm_sums,
+        lm_totals,
+        lm_metrics,
         lm_flops_per_sample,
         rounds_multiplier=3,
     ),  # fmt: skip
