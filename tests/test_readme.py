@@ -90,3 +90,39 @@ def test_readme_python_snippets_compile(project):
     assert len(snippets) >= 5
     for snippet in snippets:
         compile(snippet, "README snippet", "exec")
+
+
+def example(readme: str, heading: str) -> tuple[dict[str, str], str]:
+    """A 'Bring your own task' example: {path: whole file} from its Python blocks, and its task: YAML group."""
+    section = readme.split(f"### {heading}", 1)[1].split("\n### ", 1)[0]
+    files = {block.partition("\n")[0].removeprefix("# "): block for block in blocks(section, "python")}
+    return files, blocks(section, "yaml")[0]
+
+
+@pytest.mark.parametrize("heading", ["A regression", "A language model"])
+def test_a_readme_example_replaces_the_task_and_every_test_still_collects(tmp_path, user_config, heading):
+    """Replacing data.py, model.py, task.py and the task: groups as the README says leaves a project that
+    lints, collects every test, passes the tests of the task and of the config, and learns (test_your_task)."""
+    project = bake(tmp_path, user_config, run_smoke_test=False)
+    package = project.name.replace("-", "_")
+    readme = (project / "README.md").read_text()
+    files, task_group = example(readme, heading)
+    assert sorted(files) == [f"{package}/data.py", f"{package}/model.py", f"{package}/task.py"]
+    for path, text in files.items():
+        (project / path).write_text(text)
+    for config in ("smoke.yaml", "default.yaml"):  # the task: group is the last thing in both
+        path = project / "configs" / config
+        text = path.read_text()
+        path.write_text(text[: text.index("\ntask:") + 1] + task_group)
+    (project / "input.txt").write_text(readme)  # the language model's text: this README
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *args], cwd=project, capture_output=True, text=True, timeout=600)
+
+    for lint in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
+        result = run(*lint)
+        assert result.returncode == 0, result.stdout + result.stderr
+    collected = run("pytest", "--collect-only", "-q", "-p", "no:cacheprovider")
+    assert collected.returncode == 0 and " tests collected" in collected.stdout, collected.stdout[-2000:]
+    result = run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_your_task.py", "tests/test_config.py")
+    assert result.returncode == 0, result.stdout[-4000:]
