@@ -168,7 +168,7 @@ def build_loaders(
     )
     train_loader = DataLoader(
         WorkerSeeded(train_set),
-        # Whole batches only: equal-size micro-batches keep accumulation equal to one big batch.
+        # Whole batches only: every rank takes the same number of batches per epoch, and a position is a batch count.
         batch_sampler=SeededBatches(sampler, cfg.batch_size, cfg.seed, rank),
         generator=torch.Generator(),
         **common,
