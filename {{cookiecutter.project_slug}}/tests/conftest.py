@@ -84,6 +84,11 @@ def checkpoint(out_dir: str | Path, name: str = "last.pt") -> dict:
     return torch.load(Path(out_dir) / name, map_location="cpu", weights_only=True)
 
 
+def first_moments(saved: dict) -> dict[str, torch.Tensor]:
+    """The optimizer state (step, exp_avg, exp_avg_sq) of a checkpoint's first parameter."""
+    return next(iter(saved["optimizer"]["state"].values()))
+
+
 def train_records(out_dir: str | Path) -> list[dict]:
     return [r for r in read_metrics(Path(out_dir) / "metrics.jsonl") if "loss" in r or "skipped" in r]
 

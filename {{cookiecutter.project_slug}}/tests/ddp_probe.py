@@ -3,9 +3,9 @@ sends to the others.
 
 usage: torchrun --nproc_per_node=N tests/ddp_probe.py OUT_DIR [key=value ...]
 The loop settings are stand_in.LOOP, then the key=value arguments. Writes OUT_DIR/probe-rank{R}.pid
-at start and OUT_DIR/probe-rank{R}.json at the end: the exit code, DDP's gradient all-reduces, the
-optimizer steps taken, and every other collective ("name:elements") by the optimizer step it came
-after. Then exits with train's exit code.
+at start and OUT_DIR/probe-rank{R}.json at the end: the exit code, DDP's gradient all-reduces, FSDP's
+gradient reduce-scatters, the optimizer steps taken, and every other collective ("name:elements") by
+the optimizer step it came after. Then exits with train's exit code.
 Faults to inject, from the environment: PROBE_NAN_AT=RANK:STEP makes that rank's loss NaN in the
 first micro-batch of that optimizer step; PROBE_CONFIG_ERROR_ON=RANK raises a ConfigError on that
 rank alone while the datasets are built; PROBE_NO_CHECKPOINT_ON=RANK makes that rank see no
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from faults import SignalOnCall
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_param_group
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
@@ -65,6 +66,15 @@ def main() -> int:
     (out_dir / f"probe-rank{rank}.pid").write_text(str(os.getpid()))
     torch.nn.parallel.DistributedDataParallel = CountingDDP  # train.py builds it through torch.nn.parallel
     stand_in.install()
+    # FSDP's gradient reduce-scatters, one call per sharded unit each time gradients are synced.
+    reduce_scatters = {"n": 0}
+    real_reduce = fsdp_param_group.foreach_reduce
+
+    def counting_reduce(*args, **kwargs):
+        reduce_scatters["n"] += 1
+        return real_reduce(*args, **kwargs)
+
+    fsdp_param_group.foreach_reduce = counting_reduce
 
     micro_batches = {"n": 0}
     collectives: dict[int, list[str]] = collections.defaultdict(list)
@@ -124,6 +134,7 @@ def main() -> int:
         json.dumps({
             "exit_code": code,
             "allreduce_calls": CountingDDP.allreduce_calls,
+            "reduce_scatter_calls": reduce_scatters["n"],
             "steps_taken": steps_taken["n"],
             "collectives_after_step": collectives,
         })

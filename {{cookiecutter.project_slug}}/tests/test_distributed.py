@@ -16,6 +16,7 @@ from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.train import train
 
+from . import stand_in
 from .conftest import ROOT, checkpoint, nan_loss_on
 
 pytestmark = pytest.mark.distributed
@@ -154,3 +155,34 @@ def test_sigterm_during_evaluation_stops_every_rank_at_once(tmp_path):
     assert [p["exit_code"] for p in probes(out_dir)] == [143, 143], output
     saved = checkpoint(out_dir)
     assert saved["step"] == 10 and saved["progress"]["eval_due"] is True
+
+
+def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_path, monkeypatch):
+    # parallel=fsdp shards parameters, gradients and optimizer moments over the 2 ranks; with accumulation
+    # (gradients reduced on the last micro-batch only) it must train as DDP does, norm for norm.
+    common = ["precision=fp32", "max_steps=8", "warmup_steps=2", "accum_steps=2", "batch_size=16", "log_every=1",
+              "eval_every=4", "ckpt_every=4", "dist_timeout_minutes=0.5"]  # fmt: skip
+    # 481 validation sequences: shards of 241 and 240, so 16 batches of 16 on rank 0 and 15 on rank 1, which
+    # must join rank 0's last forward (FSDP gathers the weights from both ranks in each).
+    env = {"STAND_IN_DROPOUT": "0", "STAND_IN_VAL_SIZE": "481"}
+    for strategy in ("ddp", "fsdp"):
+        process = torchrun(tmp_path / strategy, *common, f"parallel={strategy}", env=env)
+        output, _ = process.communicate(timeout=300)
+        assert [p["exit_code"] for p in probes(tmp_path / strategy)] == [0, 0], output
+    ddp, fsdp = (read_metrics(tmp_path / strategy / "metrics.jsonl") for strategy in ("ddp", "fsdp"))
+    assert [r.keys() for r in ddp] == [r.keys() for r in fsdp]
+    for a, b in zip(ddp, fsdp, strict=True):
+        for key in ("loss", "grad_norm", "val_loss", "val_acc", "val_class_acc"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a, b)
+    for name in ("last.pt", "best.pt"):
+        a, b = checkpoint(tmp_path / "ddp", name), checkpoint(tmp_path / "fsdp", name)
+        for key in a["model"]:
+            torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=1e-6)
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()  # whole, by parameter name
+    best = checkpoint(tmp_path / "fsdp", "best.pt")  # one file, gathered on rank 0
+    monkeypatch.setattr(stand_in, "VAL_SIZE", 481)
+    # Gradients reduce-scattered once per step for each of the 3 sharded units, not once per micro-batch.
+    assert [p["reduce_scatter_calls"] for p in probes(tmp_path / "fsdp")] == [8 * 3, 8 * 3]
+    alone = evaluate_checkpoint(tmp_path / "fsdp" / "best.pt")  # 1 process: batch sums in another order
+    assert alone[best["config"]["monitor"]] == pytest.approx(best["best_metric"], rel=1e-6)

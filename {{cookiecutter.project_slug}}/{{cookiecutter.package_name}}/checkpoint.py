@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
 
 from .config import Config, to_dict
 from .distributed import Dist
@@ -36,7 +37,10 @@ from .seed import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
-FORMAT = "{{ cookiecutter.package_name }}-checkpoint-v1"
+# v2: the optimizer's state keyed by parameter name (torch.distributed.checkpoint.state_dict), whole.
+FORMAT = "{{ cookiecutter.package_name }}-checkpoint-v2"
+# The same state, gathered whole on rank 0 in CPU memory, whether the model is plain, DDP, compiled or FSDP.
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "config", "step", "best_metric")
 
 
@@ -143,6 +147,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except Exception:  # torch raises many types for a damaged archive
         raise CheckpointError(f"checkpoint {path} is unreadable: a damaged torch.save file (corrupt?)") from None
+    if isinstance(state, dict) and state.get("format") == FORMAT.replace("-v2", "-v1"):
+        raise CheckpointError(
+            f"checkpoint {path} was saved by an older version of this project (format v1, optimizer state by "
+            "position); resume it with the version that wrote it, or start fresh from its weights"
+        )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (expected format '{FORMAT}')")
     missing = [k for k in REQUIRED_KEYS if k not in state]
@@ -203,11 +212,12 @@ def save_training(
 ) -> None:  # fmt: skip
     """Write everything needed to continue exactly. Every rank calls it; rank 0 writes."""
     rng = ctx.gather(rng_state())  # every rank's random streams; a collective
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=WHOLE)  # FSDP: gathers the shards
     error = None
     if ctx.is_main:
         state = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),  # {} unless fp16
             "config": to_dict(cfg),
@@ -233,15 +243,15 @@ def save_training(
 
 
 def restore_training(
-    saved: dict[str, Any], path: Path, cfg: Config, ctx: Dist, optimizer: torch.optim.Optimizer, scheduler: Schedule,
-    scaler: torch.amp.GradScaler, batches: BatchStream,
+    saved: dict[str, Any], path: Path, cfg: Config, ctx: Dist, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Schedule, scaler: torch.amp.GradScaler, batches: BatchStream,
 ) -> RunState:  # fmt: skip
     """Put a checkpoint's optimizer, schedule, scaler, data position and RNG streams back; return its RunState.
 
     The model's weights are loaded before it is wrapped and moved (``load_model_state``).
     """
     try:
-        load_optimizer_state(optimizer, saved["optimizer"])
+        load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if saved["scaler"]:  # empty when saved without fp16: the new GradScaler starts fresh
             scaler.load_state_dict(saved["scaler"])
@@ -275,15 +285,17 @@ def restore_training(
 OPTIMIZER_FLAGS = ("fused", "foreach", "capturable")
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """Load moments and hyperparameters, keeping this optimizer's kernel flags.
 
     ``optimizer.load_state_dict`` would restore the saving machine's flags: a checkpoint written
     where AdamW ran ``foreach`` would switch a fused one off, or the reverse. The flags are set to
-    this optimizer's before loading, so the state is also placed as its kernels expect.
+    this optimizer's before loading, so the state is also placed as its kernels expect. Under FSDP
+    each rank keeps its own shard of the whole state.
     """
     groups = [
         {**saved_group, **{flag: group[flag] for flag in OPTIMIZER_FLAGS if flag in group}}
         for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=False)
     ]  # a different number of groups is reported by load_state_dict
-    optimizer.load_state_dict({**saved, "param_groups": groups + saved["param_groups"][len(groups) :]})
+    whole = {**saved, "param_groups": groups + saved["param_groups"][len(groups) :]}
+    set_optimizer_state_dict(model, optimizer, whole, options=StateDictOptions(full_state_dict=True))

@@ -22,6 +22,7 @@ from .task import TaskConfig, check_task_config
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LR_SCHEDULES = ("warmup_cosine", "onecycle", "step")
+PARALLEL = ("ddp", "fsdp")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Config:
     tensorboard: bool = False  # also write scalars to out_dir/tensorboard (pip install -e '.[tensorboard]')
 
     # --- several processes (torchrun) ---
+    parallel: str = "ddp"  # ddp: each process holds the whole model; fsdp: each holds 1/N of it (FSDP2)
     dist_timeout_minutes: float = 10.0  # a collective waiting longer (a rank died or hangs) fails the run
 
 
@@ -221,6 +223,7 @@ def validate(cfg: Config) -> None:
         DEVICE_PATTERN.fullmatch(cfg.device) is not None,
         f"device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'",
     )
+    require(cfg.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got '{cfg.parallel}'")
     require(cfg.monitor_mode in ("auto", "min", "max"), f"monitor_mode must be auto, min or max: '{cfg.monitor_mode}'")
     require(bool(cfg.out_dir), "out_dir must not be empty")
     require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")

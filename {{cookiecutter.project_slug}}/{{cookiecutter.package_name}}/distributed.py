@@ -4,23 +4,27 @@
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; with WORLD_SIZE > 1 each
 process takes one device (cuda:LOCAL_RANK on GPUs, with NCCL; the CPU with
-gloo) and the model is wrapped in DistributedDataParallel. A plain
+gloo) and the model is wrapped in DistributedDataParallel, or sharded with FSDP2
+(``parallel=fsdp``). A plain
 ``python -m`` run (or a world of one) sets nothing up and behaves as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .config import ConfigError
-from .precision import resolve_device
+from .precision import Precision, resolve_device
 
 
 @dataclass
@@ -81,6 +85,42 @@ class Dist:
         objects: list[Any] = [None] * self.world_size
         dist.all_gather_object(objects, obj, group=self.control)
         return objects
+
+
+def parallelize(
+    model: nn.Module, strategy: str, ctx: Dist, device: torch.device, precision: Precision, units: list[nn.Module]
+) -> nn.Module:
+    """Under torchrun: DDP (each rank holds the whole model, gradients are all-reduced) or FSDP2 (each rank
+    holds 1/world_size of every parameter, gradient and optimizer moment; ``units`` are gathered one at a
+    time). Build the optimizer after this: FSDP replaces the parameters with their shards."""
+    if not ctx.enabled:
+        return model
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # bf16/fp16: parameters gathered and computed in that dtype, gradients reduced in fp32.
+    low = precision.dtype if precision.name != "fp32" else None
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+    for unit in units:
+        fully_shard(unit, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module) -> Iterator[None]:
+    """For the micro-batches before a step's last: gradients accumulate locally, synced once per step."""
+    model = getattr(model, "_orig_mod", model)  # inside torch.compile's wrapper
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:  # one process: nothing to sync
+        yield
 
 
 def setup(device_name: str, timeout_minutes: float) -> tuple[Dist, torch.device]:

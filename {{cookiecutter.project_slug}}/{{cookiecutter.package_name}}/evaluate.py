@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ def evaluate(
     # Running totals on the device, in float64 (MPS has none: float32 there).
     dtype = torch.float32 if device.type == "mps" else torch.float64
     totals: dict[str, torch.Tensor] = {}
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         for index, (inputs, targets) in enumerate(loader):
             if stop is not None and stop(index):
@@ -58,9 +60,17 @@ def evaluate(
             for name, value in metric_totals(output, targets).items():
                 value = torch.as_tensor(value, device=device).to(dtype)
                 totals[name] = totals[name] + value if name in totals else value
+        if distributed:
+            # Every rank runs as many forwards as the largest shard needs: DDP may broadcast buffers, and FSDP
+            # gathers each unit's weights from every rank, in each forward. A shorter shard repeats its last
+            # batch, uncounted (the shards differ by one sample at most).
+            largest = math.ceil(len(loader.dataset) / torch.distributed.get_world_size())
+            for _ in range(math.ceil(largest / loader.batch_size) - len(loader)):
+                with precision.autocast():
+                    model(inputs)
     finally:
         model.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed:
         totals = sum_over_processes(totals)  # the whole set's totals, not a mean of the shards' metrics
     metrics = compute_metrics(totals)
     values = torch.stack([torch.as_tensor(value, device=device).to(dtype) for value in metrics.values()])

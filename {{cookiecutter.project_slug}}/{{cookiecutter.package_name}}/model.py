@@ -11,6 +11,12 @@ from torch import nn
 from .config import Config
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """With parallel=fsdp, the parts sharded (and gathered for compute) one at a time: the more, the less memory
+    a process holds at once. Here each child that has parameters; for a transformer, return its blocks."""
+    return [child for child in model.children() if any(True for _ in child.parameters())]
+
+
 def build_model(cfg: Config) -> nn.Module:
     task = cfg.task  # this task's settings (task.py)
     return nn.Sequential(

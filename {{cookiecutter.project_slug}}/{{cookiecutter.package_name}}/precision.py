@@ -64,8 +64,16 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
-    def make_scaler(self) -> torch.amp.GradScaler:
-        """A GradScaler for fp16; for bf16 and fp32 a disabled one (its methods do nothing): one path in the loop."""
+    def make_scaler(self, sharded: bool = False) -> torch.amp.GradScaler:
+        """A GradScaler for fp16; for bf16 and fp32 a disabled one (its methods do nothing): one path in the loop.
+
+        ``sharded`` (FSDP): each rank unscales only its shard of the gradients, so an overflow must be agreed
+        on by every rank (one all-reduce of the flag) for their scales to stay the same.
+        """
+        if sharded and self.needs_scaler:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.device_type)
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_scaler)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import logging
 import math
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -45,7 +47,7 @@ from .data import build_datasets
 from .evaluate import evaluate
 from .loader import build_loaders
 from .metrics import MetricsLog, require_tensorboard
-from .model import build_model
+from .model import build_model, fsdp_units
 from .precision import Precision, allow_tf32, resolve_precision
 from .progress import Progress, describe_run, summarize
 from .schedule import build_scheduler, decay_horizon
@@ -115,6 +117,8 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     first = next(iter(grads_on))
     norms = [norm.to(first) for grads in grads_on.values() for norm in torch._foreach_norm(grads)]
     total = torch.linalg.vector_norm(torch.stack(norms))
+    if isinstance(total, DTensor):  # FSDP's sharded gradients: the norm is reduced over ranks, the same on each
+        total = total.to_local()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for device, grads in grads_on.items():
@@ -365,20 +369,22 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     if saved is not None:
         load_model_state(model, saved["model"], resume_from)
     model.to(device)
+    # Under torchrun: DDP, or FSDP (parallel=fsdp) sharding fsdp_units (model.py); then the optimizer.
+    model = distributed.parallelize(model, cfg.parallel, ctx, device, precision, fsdp_units(model))
+    params = [p for p in model.parameters() if p.requires_grad]  # what clipping looks at (FSDP: the shards)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
-    scaler = precision.make_scaler()  # a GradScaler for fp16; for bf16 and fp32 one that does nothing
+    # A GradScaler for fp16 (agreeing on overflows across FSDP's shards); for bf16 and fp32 one that does nothing.
+    scaler = precision.make_scaler(sharded=ctx.enabled and cfg.parallel == "fsdp")
     batches, val_loader = build_loaders(cfg, train_set, val_set, device, ctx.rank, ctx.world_size)
-    params = [p for p in model.parameters() if p.requires_grad]  # what clipping looks at
     if ctx.enabled:
         seed_everything(cfg.seed + ctx.rank)  # each rank its own dropout/augmentation stream
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         model = compile_model(model, device)
     state = RunState()
     if saved is not None:
         report_config_changes(saved["config"], cfg, resume_from)
-        state = restore_training(saved, resume_from, cfg, ctx, optimizer, scheduler, scaler, batches)
+        state = restore_training(saved, resume_from, cfg, ctx, model, optimizer, scheduler, scaler, batches)
     out_dir = Path(cfg.out_dir)
     metrics_log = prepare_out_dir(cfg, ctx, saved is not None, state.step)
     describe_run(cfg, device, precision.name, sum(p.numel() for p in params), ctx.world_size,
@@ -394,8 +400,8 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
 
     # --- the loop: one iteration = one optimizer step over accum_steps micro-batches ---
     step_values = StepValues()
-    # Under DDP, gradients are all-reduced in the backward of the last micro-batch only.
-    no_sync = model.no_sync if ctx.enabled else contextlib.nullcontext
+    # Under torchrun, gradients are synced (DDP all-reduce, FSDP reduce-scatter) in the last micro-batch only.
+    no_sync = functools.partial(distributed.no_gradient_sync, model)
     last_micro = cfg.accum_steps - 1
     lr = optimizer.param_groups[0]["lr"]
     start_step, stop_signal, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
