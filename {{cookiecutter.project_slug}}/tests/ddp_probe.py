@@ -11,7 +11,7 @@ first micro-batch of that optimizer step; PROBE_CONFIG_ERROR_ON=RANK raises a Co
 rank alone while the datasets are built; PROBE_NO_CHECKPOINT_ON=RANK makes that rank see no
 checkpoint to resume from (a node with a disk of its own); PROBE_UNREADABLE_ON=RANK makes that
 rank unable to read the checkpoint; PROBE_SIGTERM_IN_EVAL=RANK sends that rank a SIGTERM during
-its first evaluation.
+its first evaluation; PROBE_SIGTERM_AT=RANK:STEP sends that rank a SIGTERM in that optimizer step.
 """
 
 from __future__ import annotations
@@ -103,6 +103,9 @@ def main() -> int:
         return value, count
 
     train_module.compute_loss = loss
+    term_rank, _, term_step = os.environ.get("PROBE_SIGTERM_AT", "-1:-1").partition(":")
+    if int(term_rank) == rank:
+        train_module.compute_loss = SignalOnCall(loss, (int(term_step) - 1) * accum_steps + 1)
     real_step = train_module.optimizer_step
 
     def counting_step(optimizer, skip):

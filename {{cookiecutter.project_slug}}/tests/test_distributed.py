@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,3 +187,33 @@ def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_pa
     assert [p["reduce_scatter_calls"] for p in probes(tmp_path / "fsdp")] == [8 * 3, 8 * 3]
     alone = evaluate_checkpoint(tmp_path / "fsdp" / "best.pt")  # 1 process: batch sums in another order
     assert alone[best["config"]["monitor"]] == pytest.approx(best["best_metric"], rel=1e-6)
+
+
+def test_an_fsdp_run_stopped_by_sigterm_resumes_exactly_on_2_processes_and_on_1(make_config, no_dropout, tmp_path):
+    # No dropout: one process draws from other random streams than two, and must still reach the same weights.
+    env = {"STAND_IN_DROPOUT": "0"}
+    run = ["parallel=fsdp", "max_steps=24", "warmup_steps=2", "accum_steps=2", "batch_size=16", "log_every=4",
+           "eval_every=8", "ckpt_every=100", "dist_timeout_minutes=0.5"]  # fmt: skip
+    reference = torchrun(tmp_path / "reference", *run, env=env)
+    output, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, output
+    stopped = torchrun(tmp_path / "stopped", *run, env={**env, "PROBE_SIGTERM_AT": "1:10"})  # rank 1, step 10
+    output, _ = stopped.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(tmp_path / "stopped")] == [143, 143], output
+    assert checkpoint(tmp_path / "stopped")["step"] == 12  # the ranks agreed at the next log step
+    shutil.copytree(tmp_path / "stopped", tmp_path / "alone")
+
+    resumed = torchrun(tmp_path / "stopped", *run, "resume=auto", env=env)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    expected = checkpoint(tmp_path / "reference")
+    records = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
+    assert records == read_metrics(tmp_path / "reference" / "metrics.jsonl")
+    for key, value in checkpoint(tmp_path / "stopped")["model"].items():
+        assert torch.equal(value, expected["model"][key]), key  # bit for bit
+
+    # One process (batch 32: the same global batch) continues the 2-process run to the same weights.
+    summary = train(make_config(*run, f"out_dir={tmp_path / 'alone'}", "resume=auto", "batch_size=32"))
+    assert summary["step"] == 24
+    for key, value in checkpoint(tmp_path / "alone")["model"].items():
+        torch.testing.assert_close(value, expected["model"][key], rtol=1e-4, atol=1e-5)
