@@ -84,6 +84,14 @@ def checkpoint(out_dir: str | Path, name: str = "last.pt") -> dict:
     return torch.load(Path(out_dir) / name, map_location="cpu", weights_only=True)
 
 
+def sharded_weights(folder: str | Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """The step and the whole weights of a sharded checkpoint (parallel=fsdp's out_dir/last), read in this process."""
+    saved = checkpoint_module.read_sharded(Path(folder))
+    model = stand_in.build_model(None)
+    checkpoint_module.load_sharded(saved["sharded"], model)
+    return saved["step"], model.state_dict()
+
+
 def first_moments(saved: dict) -> dict[str, torch.Tensor]:
     """The optimizer state (step, exp_avg, exp_avg_sq) of a checkpoint's first parameter."""
     return next(iter(saved["optimizer"]["state"].values()))

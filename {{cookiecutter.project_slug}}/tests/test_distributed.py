@@ -18,7 +18,7 @@ from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.train import train
 
 from . import stand_in
-from .conftest import ROOT, checkpoint, nan_loss_on
+from .conftest import ROOT, checkpoint, nan_loss_on, sharded_weights
 
 pytestmark = pytest.mark.distributed
 
@@ -176,12 +176,12 @@ def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_pa
         for key in ("loss", "grad_norm", "val_loss", "val_acc", "val_class_acc"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a, b)
-    for name in ("last.pt", "best.pt"):
-        a, b = checkpoint(tmp_path / "ddp", name), checkpoint(tmp_path / "fsdp", name)
-        for key in a["model"]:
-            torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=1e-6)
-        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()  # whole, by parameter name
-    best = checkpoint(tmp_path / "fsdp", "best.pt")  # one file, gathered on rank 0
+    best, shards = checkpoint(tmp_path / "fsdp", "best.pt"), sharded_weights(tmp_path / "fsdp" / "last")[1]
+    for theirs, ours in ((checkpoint(tmp_path / "ddp", "best.pt")["model"], best["model"]),
+                         (checkpoint(tmp_path / "ddp")["model"], shards)):  # fmt: skip
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "fsdp" / "last.pt").exists()  # fsdp's latest state is the sharded folder last/
     monkeypatch.setattr(stand_in, "VAL_SIZE", 481)
     # Gradients reduce-scattered once per step for each of the 3 sharded units, not once per micro-batch.
     assert [p["reduce_scatter_calls"] for p in probes(tmp_path / "fsdp")] == [8 * 3, 8 * 3]
@@ -200,20 +200,23 @@ def test_an_fsdp_run_stopped_by_sigterm_resumes_exactly_on_2_processes_and_on_1(
     stopped = torchrun(tmp_path / "stopped", *run, env={**env, "PROBE_SIGTERM_AT": "1:10"})  # rank 1, step 10
     output, _ = stopped.communicate(timeout=300)
     assert [p["exit_code"] for p in probes(tmp_path / "stopped")] == [143, 143], output
-    assert checkpoint(tmp_path / "stopped")["step"] == 12  # the ranks agreed at the next log step
+    step, _ = sharded_weights(tmp_path / "stopped" / "last")
+    assert step == 12  # the ranks agreed at the next log step
+    assert sorted(p.name for p in (tmp_path / "stopped" / "last" / "step-00000012").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shards  # fmt: skip
     shutil.copytree(tmp_path / "stopped", tmp_path / "alone")
 
     resumed = torchrun(tmp_path / "stopped", *run, "resume=auto", env=env)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
-    expected = checkpoint(tmp_path / "reference")
+    _, expected = sharded_weights(tmp_path / "reference" / "last")
     records = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
     assert records == read_metrics(tmp_path / "reference" / "metrics.jsonl")
-    for key, value in checkpoint(tmp_path / "stopped")["model"].items():
-        assert torch.equal(value, expected["model"][key]), key  # bit for bit
+    for key, value in sharded_weights(tmp_path / "stopped" / "last")[1].items():
+        assert torch.equal(value, expected[key]), key  # bit for bit
 
-    # One process (batch 32: the same global batch) continues the 2-process run to the same weights.
+    # One process (batch 32: the same global batch) reads both ranks' shards, and continues to the same weights.
     summary = train(make_config(*run, f"out_dir={tmp_path / 'alone'}", "resume=auto", "batch_size=32"))
     assert summary["step"] == 24
-    for key, value in checkpoint(tmp_path / "alone")["model"].items():
-        torch.testing.assert_close(value, expected["model"][key], rtol=1e-4, atol=1e-5)
+    for key, value in sharded_weights(tmp_path / "alone" / "last")[1].items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-5)

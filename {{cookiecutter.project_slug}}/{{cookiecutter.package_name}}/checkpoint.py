@@ -10,24 +10,42 @@ dicts only, so ``torch.load(path, weights_only=True)`` reads them.
 optimizer, schedule, GradScaler, data position, every RNG stream, the config
 and the loop's own counters in a ``RunState``); ``restore_training`` puts it
 back and returns the ``RunState``.
+
+With ``parallel=fsdp`` the run's latest state is a sharded checkpoint instead,
+the folder ``out_dir/last``: each process writes its own shards of the model
+and optimizer (torch.distributed.checkpoint) into ``last/step-N``, rank 0 adds
+``train_state.pt`` (the rest), and only then points ``last/latest`` at it. A
+crash before that leaves the previous step's checkpoint as the one that counts.
+It resumes on any number of processes: each reads the parts of the shards it
+needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import threading
+import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 
 from .config import Config, to_dict
 from .distributed import Dist
@@ -42,6 +60,7 @@ FORMAT = "{{ cookiecutter.package_name }}-checkpoint-v2"
 # The same state, gathered whole on rank 0 in CPU memory, whether the model is plain, DDP, compiled or FSDP.
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "config", "step", "best_metric")
+LATEST = "latest"  # in a sharded checkpoint's folder: the name of its newest complete step folder
 
 
 class CheckpointError(RuntimeError):
@@ -127,9 +146,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         ) from e
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, required: tuple[str, ...] = REQUIRED_KEYS) -> dict[str, Any]:
     """Read a checkpoint of this project, or raise CheckpointError saying what is wrong."""
     path = Path(path)
+    if path.is_dir() and (path / LATEST).exists():
+        return read_sharded(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a file (a run's out_dir holds best.pt and last.pt)")
     if not path.is_file():
@@ -154,7 +175,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (expected format '{FORMAT}')")
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+    missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     return state
@@ -208,13 +229,17 @@ class RunState:
 
 def save_training(
     path: Path, cfg: Config, ctx: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Schedule,
-    scaler: torch.amp.GradScaler, batches: BatchStream, run: RunState,
+    scaler: torch.amp.GradScaler, batches: BatchStream, run: RunState, sharded: bool = False,
 ) -> None:  # fmt: skip
-    """Write everything needed to continue exactly. Every rank calls it; rank 0 writes."""
+    """Write everything needed to continue exactly. Every rank calls it; rank 0 writes, or with ``sharded``
+    (a folder: see the top of this file) every rank writes its shards and rank 0 the rest."""
     rng = ctx.gather(rng_state())  # every rank's random streams; a collective
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=WHOLE)  # FSDP: gathers the shards
+    if sharded:
+        model_state, optimizer_state = {}, {}  # written by save_sharded, shard by shard
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=WHOLE)  # FSDP: gathers the shards
     error = None
-    if ctx.is_main:
+    if ctx.is_main or sharded:
         state = {
             "model": model_state,
             "optimizer": optimizer_state,
@@ -235,11 +260,73 @@ def save_training(
             "rng": rng,
         }
         try:
-            save_checkpoint(state, path)
+            if sharded:
+                save_sharded(path, state, ctx, model, optimizer)
+            else:
+                save_checkpoint(state, path)
         except CheckpointError as e:
             error = e
-    if ctx.agree_max(error is not None):  # every rank stops when rank 0 could not save
-        raise error or CheckpointError(f"rank 0 could not save {path}")
+    if ctx.agree_max(error is not None):  # every rank stops when one could not save
+        raise error or CheckpointError(f"another process could not save {path}; its message says why")
+
+
+def save_sharded(
+    folder: Path, state: dict[str, Any], ctx: Dist, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Every rank writes its shards into ``folder/step-N``, rank 0 adds the rest, then commits it (``latest``)."""
+    step_folder = folder / f"step-{state['step']:08d}"
+    shards = get_state_dict(model, optimizer)  # this rank's part (whole, in one process)
+    error = None
+    try:
+        with _one_process_is_intended():
+            dcp.save({"model": shards[0], "optimizer": shards[1]}, checkpoint_id=step_folder, no_dist=not ctx.enabled)
+    except (OSError, RuntimeError, CheckpointException) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        error = CheckpointError(f"could not save {step_folder}: {first_line}; {folder / LATEST} names the good one")
+    if ctx.agree_max(error is not None):  # every rank's shards are written, or every rank stops
+        raise error or CheckpointError(f"another process could not save its shards into {step_folder}")
+    if ctx.is_main:
+        save_checkpoint({**state, "model": {}, "optimizer": {}}, step_folder / "train_state.pt")
+        atomic_write(folder / LATEST, lambda tmp: Path(tmp).write_text(step_folder.name + "\n"))  # the commit
+        for old in folder.glob("step-*"):
+            if old != step_folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _one_process_is_intended() -> Iterator[None]:
+    """torch.distributed.checkpoint warns when used without a process group, as in one process: it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def read_sharded(folder: Path) -> dict[str, Any]:
+    """A sharded checkpoint's state except the shards (see ``load_sharded``), with ``sharded``: its step folder."""
+    try:
+        step_folder = folder / (folder / LATEST).read_text().strip()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {folder} is unreadable: {e.strerror}") from None
+    state = load_checkpoint(step_folder / "train_state.pt")
+    return {**state, "sharded": str(step_folder)}
+
+
+def load_sharded(step_folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Read the shards this process needs into ``model`` (and ``optimizer``), however the saving run was split."""
+    model_state, optimizer_state = get_state_dict(model, optimizer) if optimizer else (model.state_dict(), None)
+    wanted = {"model": model_state, **({"optimizer": optimizer_state} if optimizer else {})}
+    try:
+        alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        with _one_process_is_intended():
+            dcp.load(wanted, checkpoint_id=step_folder, no_dist=alone)
+    except (OSError, RuntimeError, ValueError, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {step_folder} does not fit this model: {str(e).splitlines()[0]}") from None
+    if optimizer is None:
+        model.load_state_dict(model_state)
+        return
+    for saved, group in zip(optimizer_state["param_groups"], optimizer.param_groups, strict=True):
+        saved.update({flag: group[flag] for flag in OPTIMIZER_FLAGS if flag in group})  # this machine's kernels
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
 def restore_training(
@@ -251,7 +338,10 @@ def restore_training(
     The model's weights are loaded before it is wrapped and moved (``load_model_state``).
     """
     try:
-        load_optimizer_state(model, optimizer, saved["optimizer"])
+        if "sharded" in saved:  # model and optimizer, shard by shard
+            load_sharded(saved["sharded"], model, optimizer)
+        else:  # the model's weights were loaded before it was wrapped (load_model_state)
+            load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if saved["scaler"]:  # empty when saved without fp16: the new GradScaler starts fresh
             scaler.load_state_dict(saved["scaler"])

@@ -57,7 +57,7 @@ from .task import METRIC_GOALS, compute_loss
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "last", "best.pt")  # last: parallel=fsdp's, a folder
 # Written when a signal stopped the run (after last.pt), removed when it starts again: torchrun exits 1
 # when its processes exit 143, so a requeue script looks for this file (README, Resuming and preemption).
 STOPPED_MARKER = "stopped_by_signal"
@@ -274,11 +274,11 @@ def evaluation_stopper(
 def resume_checkpoint_path(cfg: Config) -> Path | None:
     if cfg.resume == "":
         return None
-    if cfg.resume == "auto":
-        path = Path(cfg.out_dir) / "last.pt"
-        return path if path.exists() else None
+    if cfg.resume == "auto":  # last.pt, or parallel=fsdp's sharded last (only one of them is kept)
+        found = [Path(cfg.out_dir) / name for name in ("last.pt", "last") if (Path(cfg.out_dir) / name).exists()]
+        return found[0] if found else None
     path = Path(cfg.resume)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"resume checkpoint {path} does not exist (use resume=auto to continue only if there is one)")
     return path
 
@@ -324,7 +324,7 @@ def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, step: in
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:
             for name in RUN_FILES:  # only reached with overwrite=true, or an empty folder
-                (out_dir / name).unlink(missing_ok=True)
+                shutil.rmtree(out_dir / name) if (out_dir / name).is_dir() else (out_dir / name).unlink(missing_ok=True)
             shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
         (out_dir / STOPPED_MARKER).unlink(missing_ok=True)
         if cfg.tensorboard:
@@ -366,7 +366,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
 
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg)  # the same initial weights on every rank: same seed
-    if saved is not None:
+    if saved is not None and "sharded" not in saved:  # a sharded checkpoint loads into the sharded model, below
         load_model_state(model, saved["model"], resume_from)
     model.to(device)
     # Under torchrun: DDP, or FSDP (parallel=fsdp) sharding fsdp_units (model.py); then the optimizer.
@@ -390,8 +390,14 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     describe_run(cfg, device, precision.name, sum(p.numel() for p in params), ctx.world_size,
                  f"resumed from {resume_from} at step {state.step}" if saved is not None else "")  # fmt: skip
 
+    sharded = cfg.parallel == "fsdp"  # the latest state as each rank's shards (out_dir/last); best.pt whole
+
     def save(name: str) -> None:
-        save_training(out_dir / name, cfg, ctx, model, optimizer, scheduler, scaler, batches, state)
+        path = out_dir / ("last" if sharded and name == "last.pt" else name)
+        save_training(path, cfg, ctx, model, optimizer, scheduler, scaler, batches, state, path.name == "last")
+        if name == "last.pt" and ctx.is_main:  # one latest state: the other kind (parallel changed since) goes
+            other = out_dir / ("last.pt" if sharded else "last")
+            shutil.rmtree(other) if other.is_dir() else other.unlink(missing_ok=True)
 
     if state.eval_due and validate(model, val_loader, device, precision, cfg, state, metrics_log):
         save("best.pt")  # the evaluation a stop request cut short, done as the uninterrupted run did
