@@ -187,6 +187,8 @@ def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_pa
     assert [p["reduce_scatter_calls"] for p in probes(tmp_path / "fsdp")] == [8 * 3, 8 * 3]
     alone = evaluate_checkpoint(tmp_path / "fsdp" / "best.pt")  # 1 process: batch sums in another order
     assert alone[best["config"]["monitor"]] == pytest.approx(best["best_metric"], rel=1e-6)
+    shards_alone = evaluate_checkpoint(tmp_path / "fsdp" / "last")  # both ranks' shards, read by one process
+    assert shards_alone["val_loss"] == pytest.approx(fsdp[-1]["val_loss"], rel=1e-6)
 
 
 def test_an_fsdp_run_stopped_by_sigterm_resumes_exactly_on_2_processes_and_on_1(make_config, no_dropout, tmp_path):

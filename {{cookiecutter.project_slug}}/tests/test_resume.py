@@ -32,6 +32,7 @@ from .conftest import (
     first_moments,
     nan_loss_on,
     record_saves,
+    sharded_weights,
     train_records,
 )
 from .faults import SignalOnCall
@@ -352,6 +353,34 @@ def test_a_crash_inside_a_save_leaves_the_old_file_intact(tmp_path, monkeypatch)
         save_checkpoint({"step": 2}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_a_crash_inside_a_sharded_save_leaves_the_previous_one_to_resume_from(make_config, monkeypatch, capsys):
+    # parallel=fsdp (here in one process): the latest state is the folder last/, committed by last/latest.
+    run = ["parallel=fsdp", "max_steps=10", "ckpt_every=5", "eval_every=100", "log_every=5"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    cfg = make_config(*run, name="crashed")
+    real_save, saves = checkpoint_module.dcp.save, []
+
+    def save_then_crash(*args, **kwargs):
+        saves.append(kwargs["checkpoint_id"])
+        real_save(*args, **kwargs)
+        if len(saves) == 2:  # step 10's shards are on disk, not committed yet
+            raise RuntimeError("the process was killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_module.dcp, "save", save_then_crash)
+        assert main(cli(cfg.out_dir, *run)) == 1
+    assert "could not save" in capsys.readouterr().err
+    last = Path(cfg.out_dir) / "last"
+    assert (last / "latest").read_text() == "step-00000005\n" and (last / "step-00000010").exists()
+    assert checkpoint_module.read_sharded(last)["step"] == 5
+    assert train(make_config(*run, "resume=auto", name="crashed"))["step"] == 10
+    assert sorted(p.name for p in last.iterdir()) == ["latest", "step-00000010"]  # the committed one only
+    _, expected = sharded_weights(Path(reference.out_dir) / "last")
+    for key, value in sharded_weights(last)[1].items():
+        assert torch.equal(value, expected[key]), key
 
 
 def test_a_full_disk_during_a_save_is_a_clear_error(tmp_path, monkeypatch):

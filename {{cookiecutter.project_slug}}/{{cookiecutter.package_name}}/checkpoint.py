@@ -276,6 +276,9 @@ def save_sharded(
     """Every rank writes its shards into ``folder/step-N``, rank 0 adds the rest, then commits it (``latest``)."""
     step_folder = folder / f"step-{state['step']:08d}"
     shards = get_state_dict(model, optimizer)  # this rank's part (whole, in one process)
+    if ctx.is_main:  # what a crash left uncommitted at this step, before a resume
+        shutil.rmtree(step_folder, ignore_errors=True)
+    ctx.barrier()
     error = None
     try:
         with _one_process_is_intended():
