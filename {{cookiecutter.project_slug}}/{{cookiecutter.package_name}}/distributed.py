@@ -88,11 +88,13 @@ class Dist:
 
 
 def parallelize(
-    model: nn.Module, strategy: str, ctx: Dist, device: torch.device, precision: Precision, units: list[nn.Module]
-) -> nn.Module:
+    model: nn.Module, strategy: str, ctx: Dist, device: torch.device, precision: Precision,
+    units: Callable[[nn.Module], list[nn.Module]],
+) -> nn.Module:  # fmt: skip
     """Under torchrun: DDP (each rank holds the whole model, gradients are all-reduced) or FSDP2 (each rank
-    holds 1/world_size of every parameter, gradient and optimizer moment; ``units`` are gathered one at a
-    time). Build the optimizer after this: FSDP replaces the parameters with their shards."""
+    holds 1/world_size of every parameter, gradient and optimizer moment; the submodules ``units(model)``
+    returns are gathered one at a time). Build the optimizer after this: FSDP replaces the parameters with
+    their shards."""
     if not ctx.enabled:
         return model
     if strategy == "ddp":
@@ -100,7 +102,7 @@ def parallelize(
     # bf16/fp16: parameters gathered and computed in that dtype, gradients reduced in fp32.
     low = precision.dtype if precision.name != "fp32" else None
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
-    for unit in units:
+    for unit in units(model):
         fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model

@@ -370,7 +370,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
         load_model_state(model, saved["model"], resume_from)
     model.to(device)
     # Under torchrun: DDP, or FSDP (parallel=fsdp) sharding fsdp_units (model.py); then the optimizer.
-    model = distributed.parallelize(model, cfg.parallel, ctx, device, precision, fsdp_units(model))
+    model = distributed.parallelize(model, cfg.parallel, ctx, device, precision, fsdp_units)
     params = [p for p in model.parameters() if p.requires_grad]  # what clipping looks at (FSDP: the shards)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
