@@ -316,6 +316,14 @@ def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path) -> Non
         log.info("resume: %d config change(s) against %s", len(changes), path)
 
 
+def remove(path: Path) -> None:
+    """Delete a file, or a folder (a sharded checkpoint) with what it holds; nothing if there is none."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, step: int) -> MetricsLog:
     """Rank 0 writes the run's folder (config.yaml; a fresh metrics.jsonl, or the resumed one cut at ``step``)."""
     out_dir = Path(cfg.out_dir)
@@ -324,7 +332,7 @@ def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, step: in
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:
             for name in RUN_FILES:  # only reached with overwrite=true, or an empty folder
-                shutil.rmtree(out_dir / name) if (out_dir / name).is_dir() else (out_dir / name).unlink(missing_ok=True)
+                remove(out_dir / name)
             shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
         (out_dir / STOPPED_MARKER).unlink(missing_ok=True)
         if cfg.tensorboard:
@@ -397,7 +405,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
         save_training(path, cfg, ctx, model, optimizer, scheduler, scaler, batches, state, path.name == "last")
         if name == "last.pt" and ctx.is_main:  # one latest state: the other kind (parallel changed since) goes
             other = out_dir / ("last.pt" if sharded else "last")
-            shutil.rmtree(other) if other.is_dir() else other.unlink(missing_ok=True)
+            remove(other)
 
     if state.eval_due and validate(model, val_loader, device, precision, cfg, state, metrics_log):
         save("best.pt")  # the evaluation a stop request cut short, done as the uninterrupted run did
