@@ -229,10 +229,13 @@ class RunState:
 
 def save_training(
     path: Path, cfg: Config, ctx: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Schedule,
-    scaler: torch.amp.GradScaler, batches: BatchStream, run: RunState, sharded: bool = False,
+    scaler: torch.amp.GradScaler, batches: BatchStream, run: RunState,
 ) -> None:  # fmt: skip
-    """Write everything needed to continue exactly. Every rank calls it; rank 0 writes, or with ``sharded``
-    (a folder: see the top of this file) every rank writes its shards and rank 0 the rest."""
+    """Write everything needed to continue exactly. Every rank calls it; rank 0 writes. With parallel=fsdp,
+    last.pt becomes the sharded folder ``last`` (see the top of this file): every rank writes its shards."""
+    sharded = path.name == "last.pt" and cfg.parallel == "fsdp"
+    if sharded:
+        path = path.with_name("last")
     rng = ctx.gather(rng_state())  # every rank's random streams; a collective
     if sharded:
         model_state, optimizer_state = {}, {}  # written by save_sharded, shard by shard
@@ -268,6 +271,16 @@ def save_training(
             error = e
     if ctx.agree_max(error is not None):  # every rank stops when one could not save
         raise error or CheckpointError(f"another process could not save {path}; its message says why")
+    if ctx.is_main and path.name in ("last", "last.pt"):  # one latest state: the other kind (parallel changed) goes
+        remove(path.with_name("last.pt" if sharded else "last"))
+
+
+def remove(path: Path) -> None:
+    """Delete a file, or a folder (a sharded checkpoint) with what it holds; nothing if there is none."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_sharded(

@@ -39,6 +39,7 @@ from .checkpoint import (
     RunState,
     load_model_state,
     load_resume_checkpoint,
+    remove,
     restore_training,
     save_training,
 )
@@ -316,14 +317,6 @@ def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path) -> Non
         log.info("resume: %d config change(s) against %s", len(changes), path)
 
 
-def remove(path: Path) -> None:
-    """Delete a file, or a folder (a sharded checkpoint) with what it holds; nothing if there is none."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, step: int) -> MetricsLog:
     """Rank 0 writes the run's folder (config.yaml; a fresh metrics.jsonl, or the resumed one cut at ``step``)."""
     out_dir = Path(cfg.out_dir)
@@ -342,6 +335,28 @@ def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, step: in
             metrics_log.truncate_after(step)
     ctx.barrier()  # the other ranks only read what rank 0 wrote
     return metrics_log
+
+
+def finish(
+    cfg: Config, state: RunState, seconds: float, train_seconds: float, samples: int, stop_signal: int
+) -> dict[str, Any]:
+    """The run's summary: printed (the end block) and returned."""
+    summary = {
+        "step": state.step,
+        "seconds": seconds,
+        "train_seconds": train_seconds,
+        "best_metric": state.best_metric,
+        "best_step": state.best_step,
+        "metrics": state.metrics,
+        "skipped_steps": state.skipped_total,
+        "stopped_by_signal": stop_signal or None,
+        "exit_code": 128 + stop_signal if stop_signal else 0,
+        "out_dir": str(Path(cfg.out_dir)),
+        "monitor": cfg.monitor,
+        "samples_per_second": samples / max(train_seconds, 1e-9),
+    }
+    summarize(summary, Path(cfg.out_dir))
+    return summary
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -398,14 +413,8 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     describe_run(cfg, device, precision.name, sum(p.numel() for p in params), ctx.world_size,
                  f"resumed from {resume_from} at step {state.step}" if saved is not None else "")  # fmt: skip
 
-    sharded = cfg.parallel == "fsdp"  # the latest state as each rank's shards (out_dir/last); best.pt whole
-
-    def save(name: str) -> None:
-        path = out_dir / ("last" if sharded and name == "last.pt" else name)
-        save_training(path, cfg, ctx, model, optimizer, scheduler, scaler, batches, state, path.name == "last")
-        if name == "last.pt" and ctx.is_main:  # one latest state: the other kind (parallel changed since) goes
-            other = out_dir / ("last.pt" if sharded else "last")
-            remove(other)
+    def save(name: str) -> None:  # best.pt, or last.pt (with parallel=fsdp, the sharded folder last)
+        save_training(out_dir / name, cfg, ctx, model, optimizer, scheduler, scaler, batches, state)
 
     if state.eval_due and validate(model, val_loader, device, precision, cfg, state, metrics_log):
         save("best.pt")  # the evaluation a stop request cut short, done as the uninterrupted run did
@@ -499,22 +508,8 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
         progress.close()
     metrics_log.close()
 
-    summary = {
-        "step": state.step,
-        "seconds": time.perf_counter() - started,
-        "train_seconds": train_seconds,
-        "best_metric": state.best_metric,
-        "best_step": state.best_step,
-        "metrics": state.metrics,
-        "skipped_steps": state.skipped_total,
-        "stopped_by_signal": stop_signal or None,
-        "exit_code": 128 + stop_signal if stop_signal else 0,
-        "out_dir": str(out_dir),
-        "monitor": cfg.monitor,
-        "samples_per_second": (state.step - start_step) * progress.samples_per_step / max(train_seconds, 1e-9),
-    }
-    summarize(summary, out_dir)
-    return summary
+    samples = (state.step - start_step) * progress.samples_per_step
+    return finish(cfg, state, time.perf_counter() - started, train_seconds, samples, stop_signal)
 
 
 def main(argv: list[str] | None = None) -> int:
