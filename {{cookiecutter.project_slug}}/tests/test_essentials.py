@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +13,10 @@ from {{ cookiecutter.package_name }}.config import load_config
 from {{ cookiecutter.package_name }}.evaluate import evaluate, evaluate_checkpoint
 from {{ cookiecutter.package_name }}.precision import Precision
 from {{ cookiecutter.package_name }}.schedule import build_scheduler, lr_at
-from {{ cookiecutter.package_name }}.train import clip_gradients, train
+from {{ cookiecutter.package_name }}.train import clip_gradients, main, train
 
 from . import stand_in
-from .conftest import assert_same_weights, checkpoint, eval_records, record_saves, train_records
+from .conftest import assert_same_weights, checkpoint, cli, eval_records, first_moments, record_saves, train_records
 
 
 def losses(out_dir) -> list[float | None]:
@@ -287,6 +288,39 @@ def test_monitor_val_acc_keeps_the_highest(make_config, monkeypatch):
     cfg = make_config("max_steps=6", "warmup_steps=0", "eval_every=2", "monitor=val_acc")  # monitor_mode=auto
     train(cfg)
     assert checkpoint(cfg.out_dir, "best.pt")["step"] == 4
+
+
+def test_early_stopping_after_patience_evaluations_without_a_new_best(make_config, monkeypatch):
+    scripted = iter([0.5, 0.4, 0.45, 0.3, 0.35, 0.36, 0.37, 0.2])
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": next(scripted), "val_acc": 0.0})
+    cfg = make_config("max_steps=16", "warmup_steps=0", "eval_every=2", "ckpt_every=100", "patience=2")
+    summary = train(cfg)
+    assert summary["step"] == 12 and summary["exit_code"] == 0  # best at step 8, then 10 and 12 no better
+    assert checkpoint(cfg.out_dir)["step"] == 12 and checkpoint(cfg.out_dir, "best.pt")["step"] == 8
+    assert checkpoint(cfg.out_dir)["progress"]["evals_since_best"] == 2  # a resumed run keeps counting
+
+
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(make_config, monkeypatch, capsys):
+    source = make_config("max_steps=6", "warmup_steps=0", "eval_every=3", name="source")
+    train(source)
+    best = checkpoint(source.out_dir, "best.pt")
+    seen = []
+    real_build = train_module.build_optimizer
+
+    def spy(model, cfg, device):  # the weights the new run starts from
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_build(model, cfg, device)
+
+    monkeypatch.setattr(train_module, "build_optimizer", spy)
+    tuned = make_config("max_steps=4", "warmup_steps=0", f"init_from={source.out_dir}/best.pt", name="tuned")
+    assert train(tuned)["step"] == 4  # its own steps, schedule and optimizer, from 0
+    assert_same_weights(seen[0], best["model"])
+    assert first_moments(checkpoint(tuned.out_dir))["step"] == 4
+    monkeypatch.setattr(stand_in, "WIDTH", 8)  # another model: one line, exit 1, nothing written
+    assert main(cli(Path(tuned.out_dir).parent / "other", f"init_from={source.out_dir}/best.pt")) == 1
+    assert "does not fit the model" in capsys.readouterr().err
+    assert main(cli(Path(tuned.out_dir).parent / "other", "init_from=nowhere.pt")) == 2
+    assert "init_from checkpoint nowhere.pt does not exist" in capsys.readouterr().err
 
 
 def test_best_pt_loads_weights_only_and_reproduces_its_metric(make_config):

@@ -213,6 +213,14 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], path
     unwrap(model).load_state_dict(state_dict)
 
 
+def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """A checkpoint's weights into the (unwrapped) model, from a file or a sharded folder."""
+    if "sharded" in state:
+        load_sharded(state["sharded"], model)
+    else:
+        load_model_state(model, state["model"], path)
+
+
 @dataclass
 class RunState:
     """Where the run stands: the loop's own counters, saved in every checkpoint and restored on resume."""
@@ -225,6 +233,7 @@ class RunState:
     skipped_total: int = 0  # optimizer steps skipped for non-finite gradients
     unlogged: list[list[float]] = field(default_factory=list)  # [step, loss, grad_norm, skipped, bad] rows
     eval_due: bool = False  # a stop request cut this step's evaluation short: a resumed run does it first
+    evals_since_best: int = 0  # evaluations since monitor last improved (early stopping, cfg.patience)
 
 
 def save_training(
@@ -259,6 +268,7 @@ def save_training(
                 "skipped_total": run.skipped_total,
                 "unlogged_steps": run.unlogged,
                 "eval_due": run.eval_due,
+                "evals_since_best": run.evals_since_best,
             },
             "rng": rng,
         }
@@ -372,6 +382,7 @@ def restore_training(
             skipped_total=progress["skipped_total"],
             unlogged=progress["unlogged_steps"],
             eval_due=progress.get("eval_due", False),  # absent from older checkpoints
+            evals_since_best=progress.get("evals_since_best", 0),
         )
         rng = saved["rng"]
     except (KeyError, ValueError, RuntimeError, TypeError) as e:

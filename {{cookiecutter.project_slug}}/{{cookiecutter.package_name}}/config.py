@@ -42,6 +42,7 @@ class Config:
     compile: bool = False  # torch.compile the model (checkpoints keep the plain weights)
     tf32: bool = True  # TF32 matmuls on GPUs that have them (Ampere+): fp32 speed x several, 10-bit mantissa
     resume: str = ""  # "" starts fresh, "auto" continues from out_dir/last.pt if present, or a path
+    init_from: str = ""  # a fresh start from a checkpoint's weights only (new optimizer, schedule, step): fine-tuning
     overwrite: bool = False  # allow a fresh start in an out_dir that already holds a run
 
     # --- the task: data, model, loss and metrics (TaskConfig in task.py; yours to replace) ---
@@ -71,6 +72,7 @@ class Config:
     monitor: str = "val_loss"  # metric that decides best.pt (one of METRIC_GOALS in task.py)
     monitor_mode: str = "auto"  # auto: the direction task.py declares for it; min or max must agree with that
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
+    patience: int = 0  # early stopping: stop after this many evaluations without a new best monitor; 0: never
     progress: bool = True  # a progress bar when stdout is a terminal (plain log lines otherwise)
     tensorboard: bool = False  # also write scalars to out_dir/tensorboard (pip install -e '.[tensorboard]')
 
@@ -245,7 +247,7 @@ def validate(cfg: Config) -> None:
     require(0 < cfg.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
     for key in ("eval_every", "log_every", "ckpt_every", "max_bad_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("num_workers", "num_threads"):
+    for key in ("num_workers", "num_threads", "patience"):
         require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     require(cfg.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
     for problem in check_task_config(cfg.task):

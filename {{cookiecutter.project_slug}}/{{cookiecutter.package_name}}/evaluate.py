@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load_sharded
+from .checkpoint import CheckpointError, load_checkpoint, load_weights
 from .config import ConfigError, apply_overrides, config_from_dict, parse_overrides, validate
 from .data import build_datasets
 from .loader import build_loaders
@@ -99,10 +99,7 @@ def evaluate_state(state: dict, path: str | Path, overrides: list[str] | None = 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model = build_model(cfg)
-    if "sharded" in state:  # parallel=fsdp's out_dir/last: its shards, read whole into this one process
-        load_sharded(state["sharded"], model)
-    else:
-        load_model_state(model, state["model"], path)
+    load_weights(model, state, path)  # a file, or parallel=fsdp's sharded last, read whole into this process
     model.to(device)
     train_set, val_set = build_datasets(cfg)
     _, val_loader = build_loaders(cfg, train_set, val_set, device)

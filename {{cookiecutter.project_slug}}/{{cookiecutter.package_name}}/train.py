@@ -39,6 +39,7 @@ from .checkpoint import (
     RunState,
     load_model_state,
     load_resume_checkpoint,
+    load_weights,
     remove,
     restore_training,
     save_training,
@@ -239,8 +240,9 @@ def validate(
     shown = "  ".join(f"{k} {v:.4f}" for k, v in run.metrics.items())
     log.info("eval step %d  %s%s", run.step, shown, "  (new best)" if new_best else "")
     if new_best and run.bad_streak == 0:  # never the weights of a bad step
-        run.best_metric, run.best_step = run.metrics[cfg.monitor], run.step
+        run.best_metric, run.best_step, run.evals_since_best = run.metrics[cfg.monitor], run.step, 0
         return True
+    run.evals_since_best += 1
     return False
 
 
@@ -281,6 +283,15 @@ def resume_checkpoint_path(cfg: Config) -> Path | None:
     path = Path(cfg.resume)
     if not path.exists():
         raise ConfigError(f"resume checkpoint {path} does not exist (use resume=auto to continue only if there is one)")
+    return path
+
+
+def init_from_path(cfg: Config) -> Path | None:
+    if not cfg.init_from:
+        return None
+    path = Path(cfg.init_from)
+    if not path.exists():
+        raise ConfigError(f"init_from checkpoint {path} does not exist")
     return path
 
 
@@ -337,6 +348,17 @@ def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, step: in
     return metrics_log
 
 
+def announce_stop(cfg: Config, ctx: distributed.Dist, state: RunState, stop_signal: int) -> None:
+    """Say why the run ends before max_steps; after a signal, also leave the marker a requeue script reads."""
+    if not stop_signal:
+        log.warning("early stop at step %d: %d evaluations without a better %s (patience=%d)",
+                    state.step, state.evals_since_best, cfg.monitor, cfg.patience)  # fmt: skip
+        return
+    if ctx.is_main:
+        (Path(cfg.out_dir) / STOPPED_MARKER).write_text(f"signal {stop_signal} at step {state.step}\n")
+    log.warning("stopped by signal %d at step %d; last.pt saved, resume with resume=auto", stop_signal, state.step)
+
+
 def finish(
     cfg: Config, state: RunState, seconds: float, train_seconds: float, samples: int, stop_signal: int
 ) -> dict[str, Any]:
@@ -386,11 +408,16 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     resume_from = ctx.decide_on_main(lambda: resume_checkpoint_path(cfg))
     check_out_dir(cfg, resume_from)
     saved = load_resume_checkpoint(resume_from, ctx)
+    # Fine-tuning (init_from): a fresh run that starts from another run's weights; a resumed run ignores it.
+    weights_from = ctx.decide_on_main(lambda: init_from_path(cfg) if saved is None else None)
+    initial = load_resume_checkpoint(weights_from, ctx)
 
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg)  # the same initial weights on every rank: same seed
     if saved is not None and "sharded" not in saved:  # a sharded checkpoint loads into the sharded model, below
         load_model_state(model, saved["model"], resume_from)
+    if initial is not None:
+        load_weights(model, initial, weights_from)
     model.to(device)
     # Under torchrun: DDP, or FSDP (parallel=fsdp) sharding fsdp_units (model.py); then the optimizer.
     model = distributed.parallelize(model, cfg.parallel, ctx, device, precision, fsdp_units)
@@ -494,15 +521,13 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
                     save("best.pt")
                 elif improved is None:  # abandoned: the ranks agreed on a stop request
                     stop_signal = ctx.agree_max(stop.signum or 0)
-            if stop_signal or (do_ckpt and state.bad_streak == 0):
+            # Early stopping: patience evaluations in a row without a new best (the same verdict on every rank).
+            out_of_patience = do_eval and cfg.patience > 0 and state.evals_since_best >= cfg.patience
+            if stop_signal or out_of_patience or (do_ckpt and state.bad_streak == 0):
                 save("last.pt")
             outside_seconds += time.perf_counter() - paused
-            if stop_signal:
-                if ctx.is_main:
-                    (out_dir / STOPPED_MARKER).write_text(f"signal {stop_signal} at step {state.step}\n")
-                log.warning(
-                    "stopped by signal %d at step %d; last.pt saved, resume with resume=auto", stop_signal, state.step
-                )
+            if stop_signal or out_of_patience:
+                announce_stop(cfg, ctx, state, stop_signal)
                 break
         train_seconds = time.perf_counter() - loop_started - outside_seconds
         progress.close()
