@@ -140,13 +140,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     except OSError as e:
         raise CheckpointError(f"could not save {path}: {e.strerror or e}; the previous file is unchanged") from e
     except RuntimeError as e:  # torch.save's writer reports a full disk this way
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = _first_line(e)
         raise CheckpointError(
-            f"could not save {path}: writing failed (is the disk full?): {first_line}; the previous file is unchanged"
+            f"could not save {path}: writing failed (is the disk full?): {cause}; the previous file is unchanged"
         ) from e
 
 
-def load_checkpoint(path: str | Path, required: tuple[str, ...] = REQUIRED_KEYS) -> dict[str, Any]:
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (torch's can run to pages), or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint of this project, or raise CheckpointError saying what is wrong."""
     path = Path(path)
     if path.is_dir() and (path / LATEST).exists():
@@ -175,7 +181,7 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = REQUIRED_KEYS)
         )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (expected format '{FORMAT}')")
-    missing = [k for k in required if k not in state]
+    missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     return state
@@ -243,10 +249,9 @@ def save_training(
     """Write everything needed to continue exactly. Every rank calls it; rank 0 writes. With parallel=fsdp,
     last.pt becomes the sharded folder ``last`` (see the top of this file): every rank writes its shards."""
     sharded = path.name == "last.pt" and cfg.parallel == "fsdp"
-    if sharded:
-        path = path.with_name("last")
     rng = ctx.gather(rng_state())  # every rank's random streams; a collective
     if sharded:
+        path = path.with_name("last")
         model_state, optimizer_state = {}, {}  # written by save_sharded, shard by shard
     else:
         model_state, optimizer_state = get_state_dict(model, optimizer, options=WHOLE)  # FSDP: gathers the shards
@@ -307,8 +312,7 @@ def save_sharded(
         with _one_process_is_intended():
             dcp.save({"model": shards[0], "optimizer": shards[1]}, checkpoint_id=step_folder, no_dist=not ctx.enabled)
     except (OSError, RuntimeError, CheckpointException) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        error = CheckpointError(f"could not save {step_folder}: {first_line}; {folder / LATEST} names the good one")
+        error = CheckpointError(f"could not save {step_folder}: {_first_line(e)}; {folder / LATEST} names the good one")
     if ctx.agree_max(error is not None):  # every rank's shards are written, or every rank stops
         raise error or CheckpointError(f"another process could not save its shards into {step_folder}")
     if ctx.is_main:
