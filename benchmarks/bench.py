@@ -2,18 +2,22 @@
 
     scripts/bench [--rounds N] [--quick | --smoke]
 
-Bakes a project from this checkout, then for each task, precision and
-accumulation setting trains the same model on the same data for the same
-number of optimizer steps with
+Bakes a project from this checkout with each loop (plain, accelerate), then for
+each task, precision and accumulation setting trains the same model on the same
+data for the same number of optimizer steps with
   (a) a bare loop written here: forward, loss, backward, step, zero_grad
-      (with the same autocast for bf16, and the loss divided for accumulation), and
-  (b) the generated project's own train() with every essential on: schedule,
-      clipping, non-finite guard, accumulation, logging, periodic checkpoints,
-in interleaved rounds (a b a b ...). Training speed is the median steps per
-second; the generated loop's time excludes evaluation and checkpoint writing,
-which are measured apart: its evaluation against a bare no_grad forward loop
-over the same batches, and its atomic best.pt save against a plain torch.save.
-Prints a table and one JSON line.
+      (with the same autocast for bf16, and the loss divided for accumulation),
+  (b) the plain project's own train() with every essential on: schedule,
+      clipping, non-finite guard, accumulation, logging, periodic checkpoints, and
+  (c) the accelerate project's train(), the same essentials on Accelerate,
+in interleaved rounds (a b c a b c ...). Training speed is the median steps per
+second; the generated loops' time excludes evaluation and checkpoint writing,
+which are measured apart (plain project; the accelerate one shares that code): its
+evaluation against a bare no_grad forward loop over the same batches, and its
+atomic best.pt save against a plain torch.save. Start-up is the median wall time
+of `python -m <package>.train` for one step, and of importing the loop, for each
+project; code lines are counted per essential (loc.py).
+Prints tables and one JSON line.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import importlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +40,10 @@ FLOORS = {"mlp": {1: 0.80}}  # where a goal is not met, the least that must hold
 EVAL_TARGET, SAVE_TARGET = 1.10, 1.5
 
 
-def bake(where: Path) -> Path:
+PROJECTS = {"plain": "Bench Project", "accelerate": "Bench Accelerate"}  # packages bench_project, bench_accelerate
+
+
+def bake(where: Path, loop: str) -> Path:
     from cookiecutter.main import cookiecutter
 
     return Path(
@@ -43,7 +51,7 @@ def bake(where: Path) -> Path:
             str(TEMPLATE),
             no_input=True,
             output_dir=str(where),
-            extra_context={"project_name": "Bench Project", "run_smoke_test": False},
+            extra_context={"project_name": PROJECTS[loop], "loop": loop, "run_smoke_test": False},
             default_config=True,
         )
     )
@@ -61,14 +69,16 @@ def main() -> int:
     divisor = 30 if args.smoke else 3 if args.quick else 1
 
     with tempfile.TemporaryDirectory(prefix="blank-loop-bench-") as tmp:
-        project = bake(Path(tmp))
-        sys.path.insert(0, str(project))
+        projects = {loop: bake(Path(tmp), loop) for loop in PROJECTS}
+        sys.path[:0] = [str(path) for path in projects.values()]
         sys.dont_write_bytecode = True
-        pkg = "bench_project"
         modules = ("config", "train", "evaluate", "loader", "checkpoint", "precision", "seed")
-        mods = {name: importlib.import_module(f"{pkg}.{name}") for name in modules}
+        mods = {name: importlib.import_module(f"bench_project.{name}") for name in modules}
+        accelerate_mods = {name: importlib.import_module(f"bench_accelerate.{name}") for name in ("train", "evaluate")}
+        mods["accelerate"] = accelerate_mods
         import torch
-        from tasks import TASKS  # noqa: E402  (benchmarks/tasks.py, next to this file)
+        from loc import code_lines_by_essential  # noqa: E402  (benchmarks/, next to this file)
+        from tasks import TASKS  # noqa: E402
 
         torch.set_num_threads(1)
         device = mods["precision"].resolve_device("auto")
@@ -82,6 +92,8 @@ def main() -> int:
                     results.append(row)
         # Evaluation and saving take a fraction of a second: more rounds for a steadier median.
         extras = measure_eval_and_save(mods, TASKS["transformer"], device, 3 * rounds, Path(tmp))
+        extras["startup"] = measure_startup(projects, 1 if args.smoke else 5, Path(tmp))
+        extras["code_lines"] = {loop: code_lines_by_essential(path) for loop, path in projects.items()}
     report(results, extras, device)
     return 0
 
@@ -95,7 +107,7 @@ def make_config(mods, task, device, precision: str, accum: int, steps: int, out_
 
 @contextlib.contextmanager
 def task_installed(mods, task):
-    """Point the generated project's user-replaced parts (data, model, loss, metric) at the task's, if it has them."""
+    """Point a generated project's user-replaced parts (data, model, loss, metric) at the task's, if it has them."""
     patches = {("train", "build_datasets"): task.build_datasets, ("train", "build_model"): task.build_model,
                ("train", "compute_loss"): task.compute_loss, ("evaluate", "metric_totals"): task.metric_totals,
                ("evaluate", "compute_metrics"): task.compute_metrics}  # fmt: skip
@@ -109,6 +121,27 @@ def task_installed(mods, task):
     finally:
         for (module, name), value in saved.items():
             setattr(mods[module], name, value)
+
+
+def measure_startup(projects: dict[str, Path], rounds: int, tmp: Path) -> dict:
+    """Median wall seconds, interleaved over the projects: importing the loop, and a whole 1-step run."""
+    commands = {}
+    for loop, path in projects.items():
+        package = path.name.replace("-", "_")
+        run = ["-m", f"{package}.train", "--config", "configs/smoke.yaml", "device=cpu", "max_steps=1",
+               "warmup_steps=0", "eval_every=1", "overwrite=true"]  # fmt: skip
+        commands[loop] = {"import": ["-c", f"import {package}.train"], "one_step": run}
+    seconds = {(loop, kind): [] for loop in commands for kind in ("import", "one_step")}
+    for i in range(rounds + 1):  # round 0 warms the file cache
+        for loop, kinds in commands.items():
+            for kind, args in kinds.items():
+                extra = [f"out_dir={tmp / f'startup-{loop}'}"] if kind == "one_step" else []
+                started = time.perf_counter()
+                subprocess.run([sys.executable, *args, *extra], cwd=projects[loop], check=True, capture_output=True)
+                if i:
+                    seconds[(loop, kind)].append(time.perf_counter() - started)
+    return {loop: {kind: round(statistics.median(seconds[(loop, kind)]), 2) for kind in ("import", "one_step")}
+            for loop in commands}  # fmt: skip
 
 
 def part(mods, task, name: str):
@@ -151,6 +184,10 @@ def generated_loop(mods, task, cfg) -> float:
     return cfg.max_steps / summary["train_seconds"]
 
 
+def accelerate_loop(mods, task, cfg) -> float:
+    return generated_loop(mods["accelerate"], task, cfg)  # the same config: both projects read the same fields
+
+
 def synchronize(device) -> None:
     import torch
 
@@ -159,17 +196,21 @@ def synchronize(device) -> None:
 
 
 def measure_training(mods, task, device, precision, accum, steps, rounds, tmp: Path) -> dict:
-    bare, loop = [], []
-    for i in range(rounds + 1):  # round 0 warms up both (first-touch memory, lazy imports)
-        cfg = make_config(mods, task, device, precision, accum, steps, tmp / f"{task.name}-{precision}-{accum}-{i}")
+    bare, loop, accelerate = [], [], []
+    for i in range(rounds + 1):  # round 0 warms up all three (first-touch memory, lazy imports)
+        name = f"{task.name}-{precision}-{accum}-{i}"
+        cfg = make_config(mods, task, device, precision, accum, steps, tmp / name)
         b, g = bare_loop(mods, task, cfg, device), generated_loop(mods, task, cfg)
+        a = accelerate_loop(mods, task, make_config(mods, task, device, precision, accum, steps, tmp / f"acc-{name}"))
         if i:
             bare.append(b)
             loop.append(g)
-    bare_sps, loop_sps = statistics.median(bare), statistics.median(loop)
+            accelerate.append(a)
+    bare_sps, loop_sps, acc_sps = statistics.median(bare), statistics.median(loop), statistics.median(accelerate)
     row = {"task": task.name, "precision": precision, "accum_steps": accum, "steps": steps,
            "bare_steps_per_s": round(bare_sps, 1), "loop_steps_per_s": round(loop_sps, 1),
-           "ratio": round(loop_sps / bare_sps, 3), "target": TARGETS[task.name][accum], "rounds": rounds}  # fmt: skip
+           "ratio": round(loop_sps / bare_sps, 3), "target": TARGETS[task.name][accum], "rounds": rounds,
+           "accelerate_steps_per_s": round(acc_sps, 1), "accelerate_ratio": round(acc_sps / bare_sps, 3)}  # fmt: skip
     if device.type == "cuda":
         cfg = make_config(mods, task, device, precision, accum, steps, tmp / "x")
         samples = cfg.batch_size * accum
@@ -178,7 +219,8 @@ def measure_training(mods, task, device, precision, accum, steps, rounds, tmp: P
             peak = peak_flops(device, precision)
             if peak:
                 row["mfu"] = round(loop_sps * samples * task.flops_per_sample(cfg) / peak, 4)
-    print(f"  {task.name:11s} {precision} accum {accum}: loop/bare {row['ratio']:.3f}", file=sys.stderr)
+    print(f"  {task.name:11s} {precision} accum {accum}: loop/bare {row['ratio']:.3f}, "
+          f"accelerate/bare {row['accelerate_ratio']:.3f}", file=sys.stderr)  # fmt: skip
     return row
 
 
@@ -248,14 +290,15 @@ def peak_flops(device, precision: str) -> float | None:
 def report(rows: list[dict], extras: dict, device) -> None:
     rounds = ", ".join(sorted({f"{r['task']} {r['rounds']}" for r in rows}))
     print(f"\nblank-loop benchmark on {device.type}, 1 thread, medians of interleaved rounds ({rounds})\n")
-    head = "| task | precision | accum | bare steps/s | loop steps/s | loop / bare | target |"
+    head = "| task | precision | accum | bare steps/s | loop steps/s | loop / bare | target | accelerate / bare |"
     print(head)
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         floor = FLOORS.get(r["task"], {}).get(r["accum_steps"])
         ok = "ok" if r["ratio"] >= r["target"] else f"above floor {floor}" if floor and r["ratio"] >= floor else "BELOW"
         print(f"| {r['task']} | {r['precision']} | {r['accum_steps']} | {r['bare_steps_per_s']:.0f} | "
-              f"{r['loop_steps_per_s']:.0f} | {r['ratio']:.3f} | >= {r['target']} {ok} |")  # fmt: skip
+              f"{r['loop_steps_per_s']:.0f} | {r['ratio']:.3f} | >= {r['target']} {ok} | "
+              f"{r['accelerate_ratio']:.3f} |")  # fmt: skip
     print(
         f"\nevaluation: {extras['eval_seconds'] * 1e3:.1f} ms vs bare no_grad forward "
         f"{extras['bare_eval_seconds'] * 1e3:.1f} ms: {extras['eval_ratio']:.3f}x (target <= {EVAL_TARGET})"
@@ -263,6 +306,13 @@ def report(rows: list[dict], extras: dict, device) -> None:
     print(f"best.pt save ({extras['checkpoint_mb']} MB, atomic + fsync): {extras['save_seconds'] * 1e3:.1f} ms vs "
           f"torch.save {extras['torch_save_seconds'] * 1e3:.1f} ms: {extras['save_ratio']:.3f}x "
           f"(target <= {SAVE_TARGET})")  # fmt: skip
+    print("\nstart-up, median wall seconds: | loop | import the loop | a 1-step run (smoke config) |")
+    for loop, times in extras["startup"].items():
+        print(f"| {loop} | {times['import']:.2f} | {times['one_step']:.2f} |")
+    print("\ncode lines (no comments, blank lines or docstrings) by essential:")
+    print("| essential | " + " | ".join(extras["code_lines"]) + " |")
+    for essential in next(iter(extras["code_lines"].values())):
+        print(f"| {essential} | " + " | ".join(str(c[essential]) for c in extras["code_lines"].values()) + " |")
     print(json.dumps({"device": device.type, "training": rows, **extras}))
 
 

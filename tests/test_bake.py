@@ -17,7 +17,7 @@ from cookiecutter.main import cookiecutter
 
 from .conftest import BAKE_TIMES, DEFAULTS, TEMPLATE, bake
 
-# Four bakes cover every value of every choice variable (the first is all defaults).
+# Five bakes cover every value of every choice variable (the first is all defaults).
 BAKES = {
     "defaults": {},
     "bf16-onecycle-apache": {"precision": "bf16", "lr_schedule": "onecycle", "license": "Apache-2.0"},
@@ -29,6 +29,7 @@ BAKES = {
         "license": "none",
         "run_smoke_test": False,
     },
+    "accelerate-bf16": {"loop": "accelerate", "precision": "bf16"},
 }
 HOOK_SECONDS_LIMIT = 5.0  # bake + smoke training, torch import included, on a 2-core CPU
 
@@ -86,7 +87,7 @@ def test_python_compiles_and_passes_ruff(baked):
 
 def test_answers_are_kept_for_updates(baked):
     kept = json.loads((baked.path / ".cookiecutter.json").read_text())["cookiecutter"]
-    for key in ("precision", "lr_schedule", "license", "run_smoke_test", "project_name"):
+    for key in ("precision", "lr_schedule", "loop", "license", "run_smoke_test", "project_name"):
         assert kept[key] == baked.answers[key]
     assert kept["_template"] == str(TEMPLATE)
 
@@ -127,8 +128,10 @@ def test_post_gen_hook_smoke_trains_or_skips_as_asked(baked):
 
 
 def test_baked_project_test_suite_passes(baked):
-    # The torchrun and torch.compile tests do not depend on the options: the default bake runs them.
-    select = [] if baked.name == "defaults" else ["-m", "not distributed and not slow"]
+    # The torchrun and torch.compile tests do not depend on the other options: the default bake runs them,
+    # and the Accelerate bake its torchrun tests.
+    full = {"defaults": [], "accelerate-bf16": ["-m", "not slow"]}
+    select = full.get(baked.name, ["-m", "not distributed and not slow"])
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select],
         cwd=baked.path,

@@ -3,7 +3,8 @@
 Commands run in order in a baked project, as written, with these changes for a
 2-core CPU machine without a GPU or a cluster: training runs are cut to a few
 steps (overrides appended), GPU devices become the CPU, torchrun uses 2
-processes on this one machine, SLURM's srun/scontrol are stand-ins, and pytest
+processes on this one machine, `accelerate launch --multi_gpu` one CPU process
+(it starts several only on GPUs), SLURM's srun/scontrol are stand-ins, and pytest
 only collects (the suite itself runs in test_bake.py). Python snippets must compile.
 """
 
@@ -42,7 +43,8 @@ def for_this_machine_command(command: str, package: str) -> str:
     if command.startswith("pytest"):
         return command + " --collect-only"
     if f"-m {package}.train" in command:
-        command = command.replace("device=cuda:0", "device=cpu")
+        command = re.sub(r"device=cuda(:\d+)?\b", "device=cpu", command)
+        command = command.replace("--multi_gpu --num_processes=8", "--cpu --num_processes=1")
         command = command.replace("--nproc_per_node=8", "--nproc_per_node=2")
         command = command.replace("--nnodes=2", "--nnodes=1").replace("HOST0:29500", f"localhost:{free_port()}")
         command = re.sub(r"( resume=auto)", rf"\1 {SHORT_RUN}", command) if "resume=auto" in command else command
@@ -64,25 +66,38 @@ def project(tmp_path_factory, user_config):
     subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", path.name], capture_output=True)
 
 
-def test_readme_shell_commands_run(project):
+def run_blocks(project: Path, commands: list[str]) -> None:
     package = project.name.replace("-", "_")
-    readme = (project / "README.md").read_text()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "SLURM_JOB_NAME": "readme", "SLURM_JOB_ID": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}  # fmt: skip
     stand_ins = 'srun() { "$@"; }\nscontrol() { echo "scontrol $*"; }\n'
-    commands = blocks(readme, "bash")
-    assert len(commands) >= 6
     for block in commands:
         body = script(block, package)
         result = subprocess.run(["bash", "-euo", "pipefail", "-c", stand_ins + body], cwd=project, env=env,
                                 capture_output=True, text=True, timeout=600)  # fmt: skip
         assert result.returncode == 0, f"README block failed:\n{body}\n--- stdout\n{result.stdout[-3000:]}\n" \
                                        f"--- stderr\n{result.stderr[-3000:]}"  # fmt: skip
+
+
+def test_readme_shell_commands_run(project):
+    commands = blocks((project / "README.md").read_text(), "bash")
+    assert len(commands) >= 6
+    run_blocks(project, commands)
     # What the quickstart promised exists.
     assert (project / "runs" / "smoke" / "curves.png").exists()
     assert (project / "runs" / "try1" / "best.pt").exists()
     assert (project / "runs" / "ddp" / "last.pt").exists()
     assert (project / "runs" / "readme" / "last.pt").exists()  # the SLURM example's run
+
+
+def test_the_accelerate_readmes_own_commands_run(project, tmp_path_factory, user_config):
+    # Its other commands are the plain README's, run above.
+    accelerate = bake(tmp_path_factory.mktemp("accelerate"), user_config, run_smoke_test=False, loop="accelerate")
+    plain = set(blocks((project / "README.md").read_text(), "bash"))
+    own = [block for block in blocks((accelerate / "README.md").read_text(), "bash") if block not in plain]
+    assert len(own) == 3 and any(block.startswith("accelerate launch") for block in own), own
+    run_blocks(accelerate, own)
+    assert (accelerate / "runs" / "ddp" / "last.pt").exists() and (accelerate / "runs" / "ddp-cpu" / "last.pt").exists()
 
 
 def test_readme_python_snippets_compile(project):

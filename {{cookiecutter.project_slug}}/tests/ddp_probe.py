@@ -27,7 +27,9 @@ import torch
 import torch.distributed as dist
 from faults import SignalOnCall
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+{%- if cookiecutter.loop == "plain" %}
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_param_group
+{%- endif %}
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
@@ -66,6 +68,7 @@ def main() -> int:
     (out_dir / f"probe-rank{rank}.pid").write_text(str(os.getpid()))
     torch.nn.parallel.DistributedDataParallel = CountingDDP  # train.py builds it through torch.nn.parallel
     stand_in.install()
+{%- if cookiecutter.loop == "plain" %}
     # FSDP's gradient reduce-scatters, one call per sharded unit each time gradients are synced.
     reduce_scatters = {"n": 0}
     real_reduce = fsdp_param_group.foreach_reduce
@@ -75,10 +78,10 @@ def main() -> int:
         return real_reduce(*args, **kwargs)
 
     fsdp_param_group.foreach_reduce = counting_reduce
+{%- endif %}
 
     micro_batches = {"n": 0}
     collectives: dict[int, list[str]] = collections.defaultdict(list)
-    steps_taken = {"n": 0}
 
     def counted(name, original):
         def collective(*args, **kwargs):
@@ -106,13 +109,14 @@ def main() -> int:
     term_rank, _, term_step = os.environ.get("PROBE_SIGTERM_AT", "-1:-1").partition(":")
     if int(term_rank) == rank:
         train_module.compute_loss = SignalOnCall(loss, (int(term_step) - 1) * accum_steps + 1)
-    real_step = train_module.optimizer_step
+    optimizers = []  # to read how many steps the optimizer took (skipped ones are not counted in its state)
+    real_build = train_module.build_optimizer
 
-    def counting_step(optimizer, skip):
-        steps_taken["n"] += int(not skip.item())
-        real_step(optimizer, skip)
+    def recording_build(*args):
+        optimizers.append(real_build(*args))
+        return optimizers[-1]
 
-    train_module.optimizer_step = counting_step
+    train_module.build_optimizer = recording_build
     if os.environ.get("PROBE_CONFIG_ERROR_ON") == str(rank):
 
         def failing_datasets(cfg):
@@ -133,12 +137,15 @@ def main() -> int:
         evaluate_module.metric_totals = SignalOnCall(evaluate_module.metric_totals, 2)  # in the second batch
 
     code = train_module.main([*stand_in.LOOP, f"out_dir={out_dir}", *sys.argv[2:]])
+    moments = [state for optimizer in optimizers for state in optimizer.state.values()]
     (out_dir / f"probe-rank{rank}.json").write_text(
         json.dumps({
             "exit_code": code,
             "allreduce_calls": CountingDDP.allreduce_calls,
+{%- if cookiecutter.loop == "plain" %}
             "reduce_scatter_calls": reduce_scatters["n"],
-            "steps_taken": steps_taken["n"],
+{%- endif %}
+            "steps_taken": int(moments[0]["step"]) if moments else 0,
             "collectives_after_step": collectives,
         })
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """The task the loop's guarantee tests train: the tests' own, not yours.
 
 Every test file except test_your_task.py runs the loop on this task, put in
-place through the same seams you edit (build_datasets, build_model, fsdp_units,
+place through the same seams you edit (build_datasets, build_model,{% if cookiecutter.loop == "plain" %} fsdp_units,{% endif %}
 compute_loss, metric_totals, compute_metrics, METRIC_GOALS), with the loop
 settings in ``LOOP`` instead of your configs. So when you replace data.py,
 model.py, task.py and the configs, these tests still prove the loop.
@@ -80,10 +80,12 @@ def build_model(cfg) -> nn.Module:
         nn.Dropout(DROPOUT),
         nn.Linear(WIDTH, VOCAB),
     )
+{%- if cookiecutter.loop == "plain" %}
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return [layer for layer in model if any(True for _ in layer.parameters())]  # the embedding and the 2 linears
+{%- endif %}
 
 
 def compute_loss(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +118,9 @@ def install(set_attribute=setattr) -> None:
     for module in (train_module, evaluate_module):
         set_attribute(module, "build_datasets", build_datasets)
         set_attribute(module, "build_model", build_model)
+{%- if cookiecutter.loop == "plain" %}
     set_attribute(train_module, "fsdp_units", fsdp_units)
+{%- endif %}
     set_attribute(train_module, "compute_loss", compute_loss)
     set_attribute(train_module, "METRIC_GOALS", METRIC_GOALS)
     set_attribute(plot_module, "METRIC_GOALS", METRIC_GOALS)

@@ -7,14 +7,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+{% if cookiecutter.loop == "plain" -%}
 from {{ cookiecutter.package_name }} import distributed
+{% endif -%}
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.evaluate import evaluate
 from {{ cookiecutter.package_name }}.precision import Precision, allow_tf32, resolve_precision
 from {{ cookiecutter.package_name }}.seed import rng_state, set_rng_state
+{%- if cookiecutter.loop == "plain" %}
 from {{ cookiecutter.package_name }}.train import train
 
 from .conftest import checkpoint, first_moments, train_records
+{%- else %}
+from {{ cookiecutter.package_name }}.train import main, train
+
+from .conftest import checkpoint, cli, first_moments, train_records
+{%- endif %}
 
 
 class InBfloat16(nn.Module):
@@ -97,6 +105,7 @@ def test_precision_auto_picks_fp16_on_gpus_that_only_emulate_bf16(monkeypatch):
     gpu = torch.device("cuda", 0)
     assert resolve_precision("auto", gpu).name == "fp16"
     assert resolve_precision("bf16", gpu).name == "bf16"  # asked for by name: allowed, it works
+{%- if cookiecutter.loop == "plain" %}
 
 
 def test_one_process_on_gpu_n_makes_it_the_current_gpu(monkeypatch):
@@ -107,6 +116,27 @@ def test_one_process_on_gpu_n_makes_it_the_current_gpu(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     ctx, device = distributed.setup("cuda:1", timeout_minutes=1)
     assert device == torch.device("cuda", 1) and chosen == [device] and not ctx.enabled
+{%- else %}
+
+
+def test_fp16_on_the_cpu_trains_in_fp32_and_says_so(make_config, caplog):
+    cfg = make_config("precision=fp16", "max_steps=4", "warmup_steps=0", "log_every=1")
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    assert "Accelerate has no fp16 autocast on the CPU; training in fp32" in caplog.text
+    assert [r["skipped"] for r in train_records(cfg.out_dir)] == [0] * 4  # no GradScaler searching its scale
+    assert first_moments(checkpoint(cfg.out_dir))["step"] == 4
+
+
+@pytest.mark.parametrize(
+    ("setting", "advice"), [("device=cuda:1", "CUDA_VISIBLE_DEVICES"), ("parallel=fsdp", "use parallel=ddp")]
+)
+def test_what_the_accelerate_loop_cannot_do_is_one_line_exit_2(tmp_path, capsys, setting, advice):
+    assert main([*cli(tmp_path / "run"), setting]) == 2
+    err = capsys.readouterr().err
+    assert advice in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+{%- endif %}
 
 
 @pytest.mark.parametrize("enabled", [False, True])

@@ -1,10 +1,17 @@
+{% if cookiecutter.loop == "plain" -%}
 """torchrun with 2 CPU processes (gloo): the same loop, data-parallel."""
+{%- else -%}
+"""torchrun with 2 CPU processes (gloo), which Accelerate joins as `accelerate launch` would: the same loop,
+data-parallel."""
+{%- endif %}
 
 from __future__ import annotations
 
 import json
 import os
+{% if cookiecutter.loop == "plain" -%}
 import shutil
+{% endif -%}
 import signal
 import subprocess
 import sys
@@ -17,8 +24,14 @@ from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.train import train
 
+{%- if cookiecutter.loop == "plain" %}
+
 from . import stand_in
 from .conftest import ROOT, checkpoint, nan_loss_on, sharded_weights
+{%- else %}
+
+from .conftest import ROOT, checkpoint, nan_loss_on
+{%- endif %}
 
 pytestmark = pytest.mark.distributed
 
@@ -60,7 +73,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monke
     single = read_metrics(Path(reference.out_dir) / "metrics.jsonl")
     for ours, theirs in zip(records, single, strict=True):
         assert ours.keys() == theirs.keys() and ours["step"] == theirs["step"]
-        for key in ("loss", "grad_norm", "val_loss", "val_acc", "val_class_acc"):
+        for key in ("loss", "grad_norm", "lr", "val_loss", "val_acc", "val_class_acc"):
             if key in ours:
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (ours, theirs)
     a, b = checkpoint(out_dir)["model"], checkpoint(reference.out_dir)["model"]
@@ -156,6 +169,7 @@ def test_sigterm_during_evaluation_stops_every_rank_at_once(tmp_path):
     assert [p["exit_code"] for p in probes(out_dir)] == [143, 143], output
     saved = checkpoint(out_dir)
     assert saved["step"] == 10 and saved["progress"]["eval_due"] is True
+{%- if cookiecutter.loop == "plain" %}
 
 
 def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_path, monkeypatch):
@@ -173,7 +187,7 @@ def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_pa
     ddp, fsdp = (read_metrics(tmp_path / strategy / "metrics.jsonl") for strategy in ("ddp", "fsdp"))
     assert [r.keys() for r in ddp] == [r.keys() for r in fsdp]
     for a, b in zip(ddp, fsdp, strict=True):
-        for key in ("loss", "grad_norm", "val_loss", "val_acc", "val_class_acc"):
+        for key in ("loss", "grad_norm", "lr", "val_loss", "val_acc", "val_class_acc"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a, b)
     best, shards = checkpoint(tmp_path / "fsdp", "best.pt"), sharded_weights(tmp_path / "fsdp" / "last")[1]
@@ -222,3 +236,4 @@ def test_an_fsdp_run_stopped_by_sigterm_resumes_exactly_on_2_processes_and_on_1(
     assert summary["step"] == 24
     for key, value in sharded_weights(tmp_path / "alone" / "last")[1].items():
         torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-5)
+{%- endif %}

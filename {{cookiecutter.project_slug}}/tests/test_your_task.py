@@ -18,7 +18,11 @@ from {{ cookiecutter.package_name }}.config import load_config
 from {{ cookiecutter.package_name }}.data import build_datasets
 from {{ cookiecutter.package_name }}.evaluate import evaluate
 from {{ cookiecutter.package_name }}.metrics import read_metrics
+{%- if cookiecutter.loop == "plain" %}
 from {{ cookiecutter.package_name }}.model import build_model, fsdp_units
+{%- else %}
+from {{ cookiecutter.package_name }}.model import build_model
+{%- endif %}
 from {{ cookiecutter.package_name }}.precision import Precision
 from {{ cookiecutter.package_name }}.task import METRIC_GOALS, compute_loss, compute_metrics, metric_totals
 from {{ cookiecutter.package_name }}.train import train
@@ -47,8 +51,10 @@ def test_one_batch_goes_forward_and_backward(smoke):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert any(g is not None for g in grads), "no parameter received a gradient"
     assert all(torch.isfinite(g).all() for g in grads if g is not None)
+{%- if cookiecutter.loop == "plain" %}
     own = [id(module) for module in model.modules()]
     assert all(id(unit) in own for unit in fsdp_units(model)), "fsdp_units must return submodules of the model"
+{%- endif %}
 
 
 def test_the_loss_is_a_sum_and_a_count(smoke):

@@ -1,3 +1,4 @@
+{% if cookiecutter.loop == "plain" -%}
 """Data-parallel training under torchrun: the same loop and config on one process or many.
 
     torchrun --standalone --nproc_per_node=N -m {{ cookiecutter.package_name }}.train --config ...
@@ -8,23 +9,38 @@ gloo) and the model is wrapped in DistributedDataParallel, or sharded with FSDP2
 (``parallel=fsdp``). A plain
 ``python -m`` run (or a world of one) sets nothing up and behaves as before.
 """
+{%- else -%}
+"""Several processes: the ranks' agreement (stop requests, what to resume from) over the process group
+that Accelerate joined, under ``accelerate launch`` or torchrun.
+"""
+{%- endif %}
 
 from __future__ import annotations
 
+{% if cookiecutter.loop == "plain" -%}
 import contextlib
+{% endif -%}
 import os
+{%- if cookiecutter.loop == "plain" %}
 from collections.abc import Callable, Iterator
+{%- else %}
+from collections.abc import Callable
+{%- endif %}
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+{%- if cookiecutter.loop == "plain" %}
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+{%- endif %}
 
 from .config import ConfigError
+{%- if cookiecutter.loop == "plain" %}
 from .precision import Precision, resolve_device
+{%- endif %}
 
 
 @dataclass
@@ -87,6 +103,9 @@ class Dist:
         return objects
 
 
+{%- if cookiecutter.loop == "plain" %}
+
+
 def parallelize(
     model: nn.Module, strategy: str, ctx: Dist, device: torch.device, precision: Precision,
     units: Callable[[nn.Module], list[nn.Module]],
@@ -133,7 +152,7 @@ def setup(device_name: str, timeout_minutes: float) -> tuple[Dist, torch.device]
         if device.type == "cuda":  # the current GPU is where pinned memory, the bf16 check and new tensors go
             torch.cuda.set_device(device)
         return Dist(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
     if device_name.startswith("cuda:"):
         raise ConfigError(
             f"device '{device_name}' names one GPU, but under torchrun each process takes cuda:LOCAL_RANK; "
@@ -155,8 +174,18 @@ def setup(device_name: str, timeout_minutes: float) -> tuple[Dist, torch.device]
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(minutes=timeout_minutes)
     dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    return Dist(rank, local_rank, world_size, control), device
+    return joined(timeout_minutes), device
+{%- endif %}
+
+
+def joined(timeout_minutes: float) -> Dist:
+    """This process's place in the process group (started by ``setup``, or by a library), plus a gloo group
+    for host-side agreement when the group's backend is not gloo (NCCL)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return Dist()
+    timeout = timedelta(minutes=timeout_minutes)
+    control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
+    return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size(), control)
 
 
 def cleanup(ctx: Dist, wait_for_others: bool = True) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 from torch import nn
 
 from .config import Config
+{%- if cookiecutter.loop == "plain" %}
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """With parallel=fsdp, the parts sharded (and gathered for compute) one at a time: the more, the less memory
     a process holds at once. Here each child that has parameters; for a transformer, return its blocks."""
     return [child for child in model.children() if any(True for _ in child.parameters())]
+{%- endif %}
 
 
 def build_model(cfg: Config) -> nn.Module:

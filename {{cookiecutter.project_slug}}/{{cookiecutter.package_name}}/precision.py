@@ -54,15 +54,19 @@ class Precision:
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.name]
+{%- if cookiecutter.loop == "plain" %}
 
     @property
     def needs_scaler(self) -> bool:
         return self.name == "fp16"
+{%- endif %}
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+{%- if cookiecutter.loop == "plain" %}
 
     def make_scaler(self, sharded: bool = False) -> torch.amp.GradScaler:
         """A GradScaler for fp16; for bf16 and fp32 a disabled one (its methods do nothing): one path in the loop.
@@ -75,6 +79,7 @@ class Precision:
 
             return ShardedGradScaler(self.device_type)
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_scaler)
+{%- endif %}
 
 
 def _bf16_supported(device: torch.device, emulated_too: bool = False) -> bool:

@@ -1,6 +1,13 @@
 """The training loop: read it top to bottom in ``run()``.
 
     python -m {{ cookiecutter.package_name }}.train --config configs/default.yaml [key=value ...]
+{%- if cookiecutter.loop == "accelerate" %}
+    accelerate launch --num_processes=N -m {{ cookiecutter.package_name }}.train --config ...   (or torchrun)
+
+Written with Hugging Face Accelerate: ``Accelerator`` picks the device, joins the
+processes, wraps the model in DDP, autocasts its forward and scales fp16 losses;
+the loop keeps the rest (the step's exact mean, the guard, checkpoints, resume).
+{%- endif %}
 
 The essentials each live in a file named after them: config.py, seed.py,
 precision.py, schedule.py, checkpoint.py (+ evaluate.py for validation).
@@ -24,12 +31,22 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+{%- if cookiecutter.loop == "accelerate" %}
+from datetime import timedelta
+{%- endif %}
 from pathlib import Path
 from typing import Any
 
 import torch
+{%- if cookiecutter.loop == "accelerate" %}
+from accelerate import Accelerator, DistributedType
+from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs
+{%- endif %}
 from torch import nn
+{%- if cookiecutter.loop == "plain" %}
 from torch.distributed.tensor import DTensor
+{%- endif %}
 from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -49,8 +66,13 @@ from .data import build_datasets
 from .evaluate import evaluate
 from .loader import build_loaders
 from .metrics import MetricsLog, require_tensorboard
+{%- if cookiecutter.loop == "plain" %}
 from .model import build_model, fsdp_units
 from .precision import Precision, allow_tf32, resolve_precision
+{%- else %}
+from .model import build_model
+from .precision import Precision, allow_tf32, resolve_device, resolve_precision
+{%- endif %}
 from .progress import Progress, describe_run, summarize
 from .schedule import build_scheduler, decay_horizon
 from .seed import seed_everything
@@ -104,6 +126,9 @@ def divide_gradients(params: list[nn.Parameter], divisor: torch.Tensor) -> None:
         torch._foreach_div_(grads, divisor.to(device))
 
 
+{%- if cookiecutter.loop == "plain" %}
+
+
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Essential 4: scale the gradients so their total norm is at most ``max_norm`` (0: leave them alone).
 
@@ -141,6 +166,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None
             del optimizer.grad_scale, optimizer.found_inf
     elif not skip.item():  # any other optimizer: one host read per step, as GradScaler.step makes for it
         optimizer.step()
+{%- endif %}
 
 
 class StepValues:
@@ -381,6 +407,9 @@ def finish(
     return summary
 
 
+{%- if cookiecutter.loop == "plain" %}
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train as ``cfg`` says; return a summary. Raises ConfigError, CheckpointError or TrainingError."""
     ctx, device = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
@@ -401,6 +430,62 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
         torch.set_num_threads(cfg.num_threads)
     precision = resolve_precision(cfg.precision, device)
     monitor_goal(cfg)
+{%- else %}
+
+
+def start_accelerator(cfg: Config) -> tuple[Accelerator, Precision]:
+    """The Accelerator for this config: its device, its processes (accelerate launch or torchrun), its precision."""
+    if cfg.parallel != "ddp":
+        raise ConfigError("parallel=fsdp is not in this project's Accelerate loop, which runs DDP: use parallel=ddp")
+    if cfg.device.startswith("cuda:"):
+        raise ConfigError(
+            f"device '{cfg.device}': Accelerate gives each process its GPU; use device=cuda (or auto) "
+            "and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    device = resolve_device(cfg.device)  # one that exists here, as the plain loop checks it
+    precision = resolve_precision(cfg.precision, device)
+    if precision.name == "fp16" and device.type == "cpu":
+        log.warning("precision fp16: Accelerate has no fp16 autocast on the CPU; training in fp32")
+        precision = Precision("fp32", "cpu")
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",  # also what makes torchrun's CPU processes one group (gloo)
+        mixed_precision={"fp32": "no"}.get(precision.name, precision.name),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))],
+    )
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ConfigError(
+            f"Accelerate is configured for {accelerator.distributed_type.value}; this loop runs one process or "
+            "DDP: run `accelerate config` again without FSDP or DeepSpeed"
+        )
+    return accelerator, precision
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train as ``cfg`` says; return a summary. Raises ConfigError, CheckpointError or TrainingError."""
+    try:
+        accelerator, precision = start_accelerator(cfg)
+        ctx = distributed.joined(cfg.dist_timeout_minutes)  # the group Accelerate joined, for the ranks' agreement
+        try:
+            summary = run(cfg, accelerator, ctx, precision)
+        except BaseException:
+            distributed.cleanup(ctx, wait_for_others=False)
+            raise
+        distributed.cleanup(ctx)
+    finally:
+        # Accelerate keeps its state in the process: let a next train() here choose another precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return summary
+
+
+def run(cfg: Config, accelerator: Accelerator, ctx: distributed.Dist, precision: Precision) -> dict[str, Any]:
+    started = time.perf_counter()
+    device = accelerator.device
+    # --- set-up: everything is checked before any file is written ---
+    seed_everything(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    monitor_goal(cfg)
+{%- endif %}
     allow_tf32(device, cfg.tf32)
     if cfg.tensorboard:
         require_tensorboard()
@@ -419,6 +504,7 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     if initial is not None:
         load_weights(model, initial, weights_from)
     model.to(device)
+{%- if cookiecutter.loop == "plain" %}
     # Under torchrun: DDP, or FSDP (parallel=fsdp) sharding fsdp_units (model.py); then the optimizer.
     model = distributed.parallelize(model, cfg.parallel, ctx, device, precision, fsdp_units)
     params = [p for p in model.parameters() if p.requires_grad]  # what clipping looks at (FSDP: the shards)
@@ -426,6 +512,17 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
     scheduler = build_scheduler(optimizer, cfg)
     # A GradScaler for fp16 (agreeing on overflows across FSDP's shards); for bf16 and fp32 one that does nothing.
     scaler = precision.make_scaler(sharded=ctx.enabled and cfg.parallel == "fsdp")
+{%- else %}
+    # Accelerate: DDP under several processes, autocast around the model's forward (bf16, fp16), and an
+    # optimizer whose step goes through its GradScaler (fp16). The loaders are ours (resumable mid-epoch).
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg, device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Not prepared: Accelerate's scheduler steps num_processes times per optimizer step (it counts batches
+    # per process); this schedule counts optimizer steps, the same on any number of processes.
+    scheduler = build_scheduler(optimizer, cfg)
+    # Accelerate's GradScaler for fp16 on a GPU; otherwise one that does nothing (checkpoints hold its state).
+    scaler = accelerator.scaler or torch.amp.GradScaler(device.type, enabled=False)
+{%- endif %}
     batches, val_loader = build_loaders(cfg, train_set, val_set, device, ctx.rank, ctx.world_size)
     if ctx.enabled:
         seed_everything(cfg.seed + ctx.rank)  # each rank its own dropout/augmentation stream
@@ -450,8 +547,15 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
 
     # --- the loop: one iteration = one optimizer step over accum_steps micro-batches ---
     step_values = StepValues()
+{%- if cookiecutter.loop == "plain" %}
     # Under torchrun, gradients are synced (DDP all-reduce, FSDP reduce-scatter) in the last micro-batch only.
     no_sync = functools.partial(distributed.no_gradient_sync, model)
+{%- else %}
+    # Several processes: gradients are all-reduced in the last micro-batch only. Not accelerator.accumulate():
+    # it divides each micro-batch's loss by accum_steps, a mean of means that differs from the step's mean
+    # when micro-batches hold different counts of terms (padding, masks); this loop divides by the count.
+    no_sync = functools.partial(accelerator.no_sync, model)
+{%- endif %}
     last_micro = cfg.accum_steps - 1
     lr = optimizer.param_groups[0]["lr"]
     start_step, stop_signal, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
@@ -469,16 +573,23 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 with no_sync() if micro < last_micro else contextlib.nullcontext():
+{%- if cookiecutter.loop == "plain" %}
                     with precision.autocast():
                         loss_sum, count = compute_loss(model(inputs), targets)  # (sum, count): task.py
                     # The SUM's gradients accumulate; the step divides them by its total count below.
                     scaler.scale(loss_sum).backward()  # fp16: scaled up so small gradients do not underflow
+{%- else %}
+                    loss_sum, count = compute_loss(model(inputs), targets)  # (sum, count): task.py; autocast
+                    # The SUM's gradients accumulate; the step divides them by its total count below.
+                    accelerator.backward(loss_sum)  # fp16: scaled up so small gradients do not underflow
+{%- endif %}
                 step_loss += loss_sum.detach()
                 step_count += count
 
             # Accumulation (and torchrun): the step's gradients are those of its mean loss over ALL its terms,
             # in every micro-batch of every rank, however many each holds (padding, masked targets): the
             # summed loss's gradients (DDP averaged them over ranks) divided by total count / world_size.
+{%- if cookiecutter.loop == "plain" %}
             totals = ctx.sum_over_ranks(torch.stack((step_loss, step_count)))  # one 2-number all-reduce
             loss_sum, count = totals[0], totals[1].clamp(min=1)  # no terms at all: the sum is 0, the mean 0
             scaler.unscale_(optimizer)  # fp16: back to true gradients, before clipping sees them
@@ -490,6 +601,22 @@ def run(cfg: Config, ctx: distributed.Dist, device: torch.device) -> dict[str, A
             lr = optimizer.param_groups[0]["lr"]
             optimizer_step(optimizer, skip)
             scaler.update()  # fp16: halve the scale after an overflow, grow it after 2000 clean steps
+{%- else %}
+            totals = accelerator.reduce(torch.stack((step_loss, step_count)), "sum")  # one 2-number all-reduce
+            loss_sum, count = totals[0], totals[1].clamp(min=1)  # no terms at all: the sum is 0, the mean 0
+            # Dividing fp16's still-scaled gradients is the same: the unscaling below divides them too.
+            divide_gradients(params, count / ctx.world_size)
+            # Unscales fp16's gradients (its GradScaler notes any inf), then clips; 0 = no clipping: no limit.
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.clip_grad_norm or math.inf)
+            # The non-finite guard: a step whose gradients hold an inf or NaN would corrupt the weights, so
+            # it is skipped. Accelerate's step cannot skip on the device: one host read per step. Under DDP
+            # the gradients were all-reduced: every rank skips. fp16's GradScaler skips such a step itself,
+            # and lowers its scale.
+            finite = bool(torch.isfinite(grad_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            if finite or accelerator.scaler is not None:
+                optimizer.step()
+{%- endif %}
             # The schedule follows the loop's steps, skipped ones included: skips are rare (fp16's
             # first few while its scale settles), and max_bad_steps of them in a row end the run.
             scheduler.step()
