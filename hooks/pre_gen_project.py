@@ -10,6 +10,7 @@ project_slug = "{{ cookiecutter.project_slug }}"
 # Names the generated code imports: a package called like one of them would shadow it. "test" is
 # CPython's own test package and pytest's naming convention; the others are the tests' helper modules.
 TAKEN = set(getattr(sys, "stdlib_module_names", ())) | {"torch", "yaml", "numpy", "tqdm", "pytest", "tests", "test"}
+TAKEN |= {"accelerate", "matplotlib", "tensorboard"}  # the loop=accelerate dependency, the optional extras
 TAKEN |= {"stand_in", "stand_in_cli", "augment", "faults", "ddp_probe", "conftest"}
 
 

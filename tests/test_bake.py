@@ -168,6 +168,7 @@ def test_replaying_the_kept_answers_bakes_the_same_project(tmp_path, user_config
         ({"package_name": "random"}, "would shadow the module of the same name"),
         ({"package_name": "torch"}, "would shadow the module of the same name"),
         ({"package_name": "test"}, "would shadow the module of the same name"),
+        ({"package_name": "accelerate"}, "would shadow the module of the same name"),
         ({"package_name": "stand_in"}, "would shadow the module of the same name"),
         ({"project_slug": "My Project!", "package_name": "my_project"}, "is not a valid folder/distribution name"),
     ],

@@ -25,8 +25,16 @@ def test_benchmark_smoke_run_reports_every_setting(tmp_path):
     settings = {(row["task"], row["precision"], row["accum_steps"]) for row in report["training"]}
     assert settings == {(t, p, a) for t in ("mlp", "transformer") for p in ("fp32", "bf16") for a in (1, 4)}
     for row in report["training"]:
-        assert row["bare_steps_per_s"] > 0 and row["loop_steps_per_s"] > 0
+        assert row["bare_steps_per_s"] > 0 and row["loop_steps_per_s"] > 0 and row["accelerate_steps_per_s"] > 0
         # steps/s are rounded to 0.1, which moves the slowest settings (about 4 steps/s) by up to 3%
         assert row["ratio"] == pytest.approx(row["loop_steps_per_s"] / row["bare_steps_per_s"], rel=0.05)
+        ratio = row["accelerate_steps_per_s"] / row["bare_steps_per_s"]
+        assert row["accelerate_ratio"] == pytest.approx(ratio, rel=0.05)
     assert report["eval_ratio"] > 0 and report["save_ratio"] > 0 and report["checkpoint_mb"] > 1
     assert "| mlp | fp32 | 1 |" in result.stdout
+    # Start-up and code lines, for both loops: the accelerate loop has no clipping code of its own.
+    assert set(report["startup"]) == set(report["code_lines"]) == {"plain", "accelerate"}
+    assert all(0 < times["import"] < times["one_step"] for times in report["startup"].values())
+    lines = report["code_lines"]
+    assert lines["plain"]["gradient clipping"] > 0 == lines["accelerate"]["gradient clipping"]
+    assert lines["plain"]["config"] == lines["accelerate"]["config"] > 0

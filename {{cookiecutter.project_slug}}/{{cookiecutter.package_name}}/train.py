@@ -517,8 +517,8 @@ def run(cfg: Config, accelerator: Accelerator, ctx: distributed.Dist, precision:
     # optimizer whose step goes through its GradScaler (fp16). The loaders are ours (resumable mid-epoch).
     model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg, device))
     params = [p for p in model.parameters() if p.requires_grad]
-    # Not prepared: Accelerate's scheduler steps num_processes times per optimizer step (it counts batches
-    # per process); this schedule counts optimizer steps, the same on any number of processes.
+    # Not prepared: a torch LR scheduler prepared by Accelerate steps num_processes times per optimizer
+    # step (it counts batches per process); this schedule counts optimizer steps, on any number of processes.
     scheduler = build_scheduler(optimizer, cfg)
     # Accelerate's GradScaler for fp16 on a GPU; otherwise one that does nothing (checkpoints hold its state).
     scaler = accelerator.scaler or torch.amp.GradScaler(device.type, enabled=False)
