@@ -92,7 +92,7 @@ def main() -> int:
                     results.append(row)
         # Evaluation and saving take a fraction of a second: more rounds for a steadier median.
         extras = measure_eval_and_save(mods, TASKS["transformer"], device, 3 * rounds, Path(tmp))
-        extras["startup"] = measure_startup(projects, 1 if args.smoke else 5, Path(tmp))
+        extras["startup"] = measure_startup(projects, 1 if args.smoke else 5, Path(tmp), warm_up=not args.smoke)
         extras["code_lines"] = {loop: code_lines_by_essential(path) for loop, path in projects.items()}
     report(results, extras, device)
     return 0
@@ -123,7 +123,7 @@ def task_installed(mods, task):
             setattr(mods[module], name, value)
 
 
-def measure_startup(projects: dict[str, Path], rounds: int, tmp: Path) -> dict:
+def measure_startup(projects: dict[str, Path], rounds: int, tmp: Path, warm_up: bool = True) -> dict:
     """Median wall seconds, interleaved over the projects: importing the loop, and a whole 1-step run."""
     commands = {}
     for loop, path in projects.items():
@@ -132,13 +132,13 @@ def measure_startup(projects: dict[str, Path], rounds: int, tmp: Path) -> dict:
                "warmup_steps=0", "eval_every=1", "overwrite=true"]  # fmt: skip
         commands[loop] = {"import": ["-c", f"import {package}.train"], "one_step": run}
     seconds = {(loop, kind): [] for loop in commands for kind in ("import", "one_step")}
-    for i in range(rounds + 1):  # round 0 warms the file cache
+    for i in range(rounds + warm_up):  # round 0 warms the file cache
         for loop, kinds in commands.items():
             for kind, args in kinds.items():
                 extra = [f"out_dir={tmp / f'startup-{loop}'}"] if kind == "one_step" else []
                 started = time.perf_counter()
                 subprocess.run([sys.executable, *args, *extra], cwd=projects[loop], check=True, capture_output=True)
-                if i:
+                if i >= warm_up:
                     seconds[(loop, kind)].append(time.perf_counter() - started)
     return {loop: {kind: round(statistics.median(seconds[(loop, kind)]), 2) for kind in ("import", "one_step")}
             for loop in commands}  # fmt: skip

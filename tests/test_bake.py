@@ -17,10 +17,15 @@ from cookiecutter.main import cookiecutter
 
 from .conftest import BAKE_TIMES, DEFAULTS, TEMPLATE, bake
 
-# Five bakes cover every value of every choice variable (the first is all defaults).
+# Four bakes cover every value of every choice variable (the first is all defaults).
 BAKES = {
     "defaults": {},
-    "bf16-onecycle-apache": {"precision": "bf16", "lr_schedule": "onecycle", "license": "Apache-2.0"},
+    "accelerate-bf16-onecycle-apache": {
+        "loop": "accelerate",
+        "precision": "bf16",
+        "lr_schedule": "onecycle",
+        "license": "Apache-2.0",
+    },
     "fp16-step-bsd": {"precision": "fp16", "lr_schedule": "step", "license": "BSD-3-Clause"},
     "fp32-nolicense-nosmoke": {
         "project_name": "Vision Lab 2",
@@ -29,7 +34,6 @@ BAKES = {
         "license": "none",
         "run_smoke_test": False,
     },
-    "accelerate-bf16": {"loop": "accelerate", "precision": "bf16"},
 }
 HOOK_SECONDS_LIMIT = 5.0  # bake + smoke training, torch import included, on a 2-core CPU
 
@@ -130,7 +134,7 @@ def test_post_gen_hook_smoke_trains_or_skips_as_asked(baked):
 def test_baked_project_test_suite_passes(baked):
     # The torchrun and torch.compile tests do not depend on the other options: the default bake runs them,
     # and the Accelerate bake its torchrun tests.
-    full = {"defaults": [], "accelerate-bf16": ["-m", "not slow"]}
+    full = {"defaults": [], "accelerate-bf16-onecycle-apache": ["-m", "not slow"]}
     select = full.get(baked.name, ["-m", "not distributed and not slow"])
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select],
