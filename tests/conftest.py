@@ -14,7 +14,7 @@ BAKE_TIMES: dict[str, float] = {}  # bake + post-gen smoke training, seconds, by
 
 def pytest_terminal_summary(terminalreporter):
     if BAKE_TIMES:
-        terminalreporter.section("bake + smoke training (post-gen hook), wall time")
+        terminalreporter.section("bake + smoke training (post-gen hook), wall time")  # in the README
         for name, seconds in BAKE_TIMES.items():
             terminalreporter.write_line(f"{name}: {seconds:.2f}s")
 

@@ -35,7 +35,9 @@ BAKES = {
         "run_smoke_test": False,
     },
 }
-HOOK_SECONDS_LIMIT = 5.0  # bake + smoke training, torch import included, on a 2-core CPU
+# Bake + smoke training, against the time this machine takes to import torch, measured right after: a
+# ratio holds on a busy machine, where both slow down, as a number of seconds does not. About 2 when idle.
+HOOK_TO_TORCH_IMPORT_LIMIT = 5.0
 
 
 class Baked:
@@ -123,7 +125,10 @@ def test_post_gen_hook_smoke_trains_or_skips_as_asked(baked):
         lines = [line for line in baked.output.splitlines() if line.startswith("smoke training passed:")]
         assert len(lines) == 1, baked.output
         assert "reproduced from best.pt" in lines[0]
-        assert baked.seconds < HOOK_SECONDS_LIMIT * 2, f"bake took {baked.seconds:.1f}s"  # generous: shared CI
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        ratio = baked.seconds / (time.perf_counter() - started)
+        assert ratio < HOOK_TO_TORCH_IMPORT_LIMIT, f"bake took {baked.seconds:.1f}s, {ratio:.1f} torch imports"
         BAKE_TIMES[baked.name] = baked.seconds
     else:
         assert "smoke training" not in baked.output
@@ -161,6 +166,12 @@ def test_replaying_the_kept_answers_bakes_the_same_project(tmp_path, user_config
     assert sorted(p.relative_to(first) for p in files) == sorted(p.relative_to(again) for p in project_files(again))
     for path in files:
         assert (again / path.relative_to(first)).read_bytes() == path.read_bytes(), path
+
+
+def test_a_name_that_starts_with_a_digit_gets_a_valid_package_name(tmp_path, user_config):
+    path = bake(tmp_path, user_config, project_name="3D Vision!", run_smoke_test=False)
+    assert path.name == "3d-vision"
+    assert (path / "project_3d_vision" / "train.py").exists()
 
 
 @pytest.mark.parametrize(
@@ -234,6 +245,38 @@ def test_readme_bake_command(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "smoke training passed:" in result.stdout
     assert (tmp_path / "readme-bake" / "readme_bake" / "train.py").exists()
+    # Where the project went and what to run next.
+    assert f"project: {tmp_path / 'readme-bake'}" in result.stdout
+    assert "python -m readme_bake.train --config configs/smoke.yaml" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("answers", "message"),
+    [
+        (["precison=bf16"], "error: unknown option 'precison': did you mean 'precision'?"),
+        (["precision=fp64"], "error: precision=fp64 is not one of auto, bf16, fp16, fp32"),
+        (["run_smoke_test=maybe"], "error: run_smoke_test=maybe must be true or false"),
+        (["bf16"], "error: 'bf16' is not key=value"),
+    ],
+)
+def test_bake_script_rejects_a_wrong_answer_in_one_line(tmp_path, answers, message):
+    result = subprocess.run([sys.executable, str(TEMPLATE / "scripts" / "bake.py"), str(tmp_path), *answers],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and result.stderr.splitlines()[-1].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_bake_script_run_twice_says_what_to_do_and_replaces_when_told(tmp_path):
+    def bake_script(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(TEMPLATE / "scripts" / "bake.py"), str(tmp_path), "run_smoke_test=false", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    assert bake_script().returncode == 0
+    (tmp_path / "my-training-project" / "stale.txt").write_text("from before")
+    again = bake_script()
+    assert again.returncode == 2 and "already exists: pass --replace" in again.stderr.splitlines()[-1]
+    assert bake_script("--replace").returncode == 0
+    assert not (tmp_path / "my-training-project" / "stale.txt").exists()  # replaced, not written over
 
 
 def test_generated_ci_workflow_installs_lints_and_tests(baked):

@@ -264,6 +264,20 @@ def test_training_logs_the_scheduled_lr(make_config):
     assert [r["lr"] for r in train_records(cfg.out_dir)] == pytest.approx([lr_at(s, cfg) for s in range(20)])
 
 
+# --- optimizer ---
+
+
+def test_optimizer_settings_and_lr_multipliers_reach_the_optimizer_with_decay_grouping_kept(make_config):
+    cfg = make_config("max_steps=3", "warmup_steps=0", "beta1=0.8", "beta2=0.95", "eps=1e-6", "lr_multipliers=0.=0.1")
+    train(cfg)
+    groups = checkpoint(cfg.out_dir)["optimizer"]["param_groups"]  # parameters by name
+    assert [sorted(g["params"]) for g in groups] == [["1.weight", "4.weight"], ["1.bias", "4.bias"], ["0.weight"]]
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0, 0.01]  # no decay on biases, whatever their lr
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in groups)
+    lr = [g["lr"] for g in groups]  # after 3 steps of the schedule: the ratio holds
+    assert lr[0] == lr[1] < cfg.lr and lr[2] == pytest.approx(0.1 * lr[0], rel=1e-12)
+
+
 # --- 6. validation + best checkpoint ---
 
 

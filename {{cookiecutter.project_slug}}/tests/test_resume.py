@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,49 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch, a
     resumed = train(make_config(*RUN, workers, "resume=auto", name="interrupted"))
     assert resumed["step"] == 40 and resumed["exit_code"] == 0
     assert_same_run(reference.out_dir, interrupted.out_dir)
+
+
+def test_max_time_saves_and_exits_124_and_the_resumed_run_is_the_uninterrupted_one(make_config, monkeypatch, caplog):
+    reference = make_config(*RUN, name="reference")
+    train(reference)
+    limited = make_config(*RUN, "max_time_minutes=0.02", name="limited")  # 1.2 s
+    real_loss, calls = train_module.compute_loss, {"n": 0}
+
+    def slow_step_7(output, target):  # 1.3 s in step 7: the limit passes there, whatever the machine's speed
+        calls["n"] += 1
+        if calls["n"] == 13:  # step 7's first micro-batch (accum_steps=2)
+            time.sleep(1.3)
+        return real_loss(output, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "compute_loss", slow_step_7)
+        assert main(cli(limited.out_dir, *RUN, "max_time_minutes=0.02")) == 124  # what timeout(1) exits with
+    assert checkpoint(limited.out_dir)["step"] == 7  # saved at once, between checkpoints
+    marker = (Path(limited.out_dir) / "stopped_by_signal").read_text()
+    assert marker == "time limit (max_time_minutes=0.02) at step 7\n"
+    assert "stopped by time limit (max_time_minutes=0.02) at step 7; last.pt saved" in caplog.text
+    assert train(make_config(*RUN, "resume=auto", name="limited"))["exit_code"] == 0
+    assert_same_run(reference.out_dir, limited.out_dir)
+
+
+def test_sgd_with_momentum_learns_and_resumes_exactly(make_config, monkeypatch):
+    run = [*RUN, "optimizer=sgd", "lr=0.3", "momentum=0.9"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    interrupted = make_config(*run, name="interrupted")
+    with monkeypatch.context() as patch:
+        signal_during_step(patch, step=23)
+        assert train(interrupted)["exit_code"] == 143
+    train(make_config(*run, "resume=auto", name="interrupted"))
+    records = read_metrics(Path(reference.out_dir) / "metrics.jsonl")
+    assert records == read_metrics(Path(interrupted.out_dir) / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0]  # it learns
+    a, b = checkpoint(reference.out_dir), checkpoint(interrupted.out_dir)
+    assert_same_weights(a["model"], b["model"])
+    momentum = [state["momentum_buffer"] for state in a["optimizer"]["state"].values()]
+    assert len(momentum) == 5 and all(m.abs().sum() > 0 for m in momentum)
+    assert all(m.equal(n["momentum_buffer"]) for m, n in zip(momentum, b["optimizer"]["state"].values(), strict=True))
 
 
 def test_a_stop_during_evaluation_saves_at_once_and_the_resumed_run_evaluates_first(make_config, monkeypatch):

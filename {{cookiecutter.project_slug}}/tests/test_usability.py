@@ -11,11 +11,16 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
 
 from {{ cookiecutter.package_name }} import plot as plot_module
+from {{ cookiecutter.package_name }} import progress as progress_module
+from {{ cookiecutter.package_name }} import train as train_module
+from {{ cookiecutter.package_name }}.metrics import read_metrics
+from {{ cookiecutter.package_name }}.progress import Progress
 from {{ cookiecutter.package_name }}.train import main, train
 
 from .conftest import ROOT, checkpoint, cli
@@ -24,15 +29,15 @@ SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # tests/stand_in_cli.py im
 RUN = ["device=cpu", "max_steps=40", "warmup_steps=5", "log_every=10", "eval_every=20"]
 
 
-def run_cli(out_dir: Path, *overrides: str, terminal: bool = False) -> str:
-    """Train in a subprocess whose stdout is a pipe, or a pseudo-terminal; return what it printed."""
+def run_cli(out_dir: Path, *overrides: str, terminal: bool = False, columns: int = 120) -> str:
+    """Train in a subprocess whose stdout is a pipe, or a pseudo-terminal ``columns`` wide; return what it printed."""
     command = [sys.executable, str(ROOT / "tests" / "stand_in_cli.py"), "train", f"out_dir={out_dir}", *RUN, *overrides]
     if not terminal:
         result = subprocess.run(command, cwd=ROOT, env=SCRIPT_ENV, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         return result.stdout
     controller, terminal_fd = pty.openpty()
-    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))  # a 120-column terminal
+    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, columns, 0, 0))
     process = subprocess.Popen(
         command, cwd=ROOT, env=SCRIPT_ENV, stdout=terminal_fd, stderr=terminal_fd, close_fds=True
     )
@@ -51,7 +56,10 @@ def run_cli(out_dir: Path, *overrides: str, terminal: bool = False) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-PLAIN_LINE = re.compile(r"^step 10/40  loss \d+\.\d+  lr \S+  grad_norm \S+  [\d,]+ samples/s$", re.MULTILINE)
+PLAIN_LINE = re.compile(
+    r"^step 10/40  loss \d+\.\d+  lr \S+  grad_norm \S+  [\d,]+ samples/s  elapsed \d:\d\d:\d\d  left ~\d:\d\d:\d\d$",
+    re.MULTILINE,
+)
 
 
 def test_piped_output_has_plain_lines_and_no_bar(tmp_path):
@@ -62,6 +70,7 @@ def test_piped_output_has_plain_lines_and_no_bar(tmp_path):
     expected = [
         "config:     ",
         "device:     cpu x 1 process(es), precision",
+        "threads:    1 (num_threads=1) CPU threads per process",
         "model:      2,096 parameters",
         "batch:      32 samples per optimizer step = 32 x 1 accum x 1 process(es)",
         "eval step 20  val_loss",
@@ -86,6 +95,40 @@ def test_a_terminal_gets_one_progress_bar(tmp_path):
 def test_progress_false_keeps_plain_lines_in_a_terminal(tmp_path):
     out = run_cli(tmp_path / "run", "progress=false", terminal=True)
     assert PLAIN_LINE.search(out.replace("\r\n", "\n")) and "█" not in out
+
+
+def test_a_terminal_too_narrow_for_a_bar_gets_plain_lines(tmp_path):
+    out = run_cli(tmp_path / "run", terminal=True, columns=0)  # what some CI consoles and emacs shells report
+    assert PLAIN_LINE.search(out.replace("\r\n", "\n")) and "█" not in out
+
+
+def test_the_bar_ends_at_the_step_the_run_stopped(make_config, monkeypatch):
+    monkeypatch.setattr(progress_module, "terminal_columns", lambda: 120)
+    bar = Progress(make_config("max_steps=100"), 0, 32, is_main=True)
+    assert bar.show_bar
+    bar.update(50, 0.5, 1e-3, 1.0, 0.0)
+    bar.close(57)  # a signal stopped the run between log steps
+    assert bar.bar.n == 57
+
+
+def test_throughput_leaves_out_the_start_up(make_config, monkeypatch, caplog):
+    # The first step also starts things up (here a slow first batch): the first samples/s would be a
+    # fraction of the others if it counted.
+    real_loss, calls = train_module.compute_loss, {"n": 0}
+
+    def slow_first_batch(output, target):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            time.sleep(0.3)
+        return real_loss(output, target)
+
+    monkeypatch.setattr(train_module, "compute_loss", slow_first_batch)
+    monkeypatch.setattr(progress_module, "terminal_columns", lambda: 0)  # plain lines, into caplog
+    with caplog.at_level("INFO"):
+        train(make_config("max_steps=30", "warmup_steps=0", "log_every=10", "eval_every=100", "ckpt_every=100"))
+    rates = [float(line.split(" samples/s")[0].rsplit(" ", 1)[1].replace(",", ""))
+             for line in caplog.messages if line.startswith("step ")]  # fmt: skip
+    assert len(rates) == 3 and rates[0] > 0.3 * max(rates[1:]), rates
 
 
 def test_plot_writes_a_real_image(make_config):
@@ -148,8 +191,9 @@ def test_tensorboard_scalars(make_config):
     events = EventAccumulator(str(Path(cfg.out_dir) / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"loss", "lr", "grad_norm", "val_loss", "val_acc"} <= tags
-    assert [e.step for e in events.Scalars("loss")] == [5, 10, 15, 20]
+    assert {"train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc"} <= tags  # two sections
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
+    assert [e.step for e in events.Scalars("val/loss")] == [10, 20]
 
 
 def test_tensorboard_missing_is_a_clear_error_before_anything_is_written(make_config, monkeypatch, capsys):
@@ -180,3 +224,17 @@ def test_evaluate_of_a_folder_or_a_missing_file_is_one_line_exit_1(tmp_path, cap
     assert capsys.readouterr().err.startswith(f"error: checkpoint {tmp_path} is a folder, not a file (a run's out_dir")
     assert evaluate_main(["--checkpoint", str(tmp_path / "best.pt")]) == 1
     assert capsys.readouterr().err == f"error: checkpoint {tmp_path / 'best.pt'} does not exist\n"
+
+
+def test_debug_runs_every_part_in_a_few_steps_beside_the_real_run(make_config):
+    cfg = make_config()
+    Path(cfg.out_dir).mkdir(parents=True)
+    (Path(cfg.out_dir) / "last.pt").write_bytes(b"a real run's state")
+    for _ in range(2):  # its folder is replaced each time
+        assert main(cli(cfg.out_dir, "max_steps=5000", "eval_every=500", "debug=true")) == 0
+    debug = Path(f"{cfg.out_dir}-debug")
+    records = read_metrics(debug / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_loss" in r] == [4]  # one evaluation, best.pt and last.pt saved
+    assert checkpoint(debug)["step"] == 4 and checkpoint(debug, "best.pt")["step"] == 4
+    assert (Path(cfg.out_dir) / "last.pt").read_bytes() == b"a real run's state"

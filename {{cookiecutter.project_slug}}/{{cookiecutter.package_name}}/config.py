@@ -23,6 +23,7 @@ from .task import TaskConfig, check_task_config
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LR_SCHEDULES = ("warmup_cosine", "onecycle", "step")
 PARALLEL = ("ddp", "fsdp")
+OPTIMIZERS = ("adamw", "sgd")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,22 @@ class Config:
     resume: str = ""  # "" starts fresh, "auto" continues from out_dir/last.pt if present, or a path
     init_from: str = ""  # a fresh start from a checkpoint's weights only (new optimizer, schedule, step): fine-tuning
     overwrite: bool = False  # allow a fresh start in an out_dir that already holds a run
+    max_time_minutes: float = 0.0  # save last.pt and exit 124 once this much wall-clock time has passed; 0: no limit
+    debug: bool = False  # a few steps, one evaluation, one save, in out_dir + "-debug": every code path in seconds
 
     # --- the task: data, model, loss and metrics (TaskConfig in task.py; yours to replace) ---
     task: TaskConfig = field(default_factory=TaskConfig)
     num_workers: int = 0  # DataLoader worker processes per training process
 
     # --- optimisation ---
+    optimizer: str = "adamw"  # adamw, or sgd (with momentum: classic vision models)
     lr: float = 3e-3
-    weight_decay: float = 0.01
+    lr_multipliers: str = ""  # per-group lr, e.g. "backbone.=0.1,head.=2": parameters named so get lr x factor
+    weight_decay: float = 0.01  # on weight matrices and embeddings only, never biases or norm gains
+    beta1: float = 0.9  # adamw
+    beta2: float = 0.999  # adamw
+    eps: float = 1e-8  # adamw
+    momentum: float = 0.9  # sgd
     batch_size: int = 32  # micro-batch; one optimizer step sees batch_size * accum_steps samples
     accum_steps: int = 1
     max_steps: int = 2000  # optimizer steps
@@ -192,8 +201,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         apply_overrides(cfg, read_yaml(path))
     apply_overrides(cfg, parse_overrides(overrides or []))
+    if cfg.debug:
+        cfg = debug_run(cfg)
     validate(cfg)
     return cfg
+
+
+DEBUG_STEPS = 4
+
+
+def debug_run(cfg: Config) -> Config:
+    """debug=true: the same run cut to a few steps, each logged, with one evaluation and one save at the end,
+    written to out_dir + "-debug" (replaced each time): every code path of the run in seconds, your data,
+    model and settings included, before a long run."""
+    steps = min(cfg.max_steps, DEBUG_STEPS)
+    return dataclasses.replace(
+        cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, steps), decay_steps=0, log_every=1,
+        eval_every=steps, ckpt_every=steps, patience=0, resume="", overwrite=True,
+        out_dir=f"{cfg.out_dir.rstrip('/')}-debug",
+    )  # fmt: skip
 
 
 def config_from_dict(values: dict[str, Any], source: str = "the checkpoint") -> Config:
@@ -228,7 +254,12 @@ def validate(cfg: Config) -> None:
     require(cfg.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got '{cfg.parallel}'")
     require(cfg.monitor_mode in ("auto", "min", "max"), f"monitor_mode must be auto, min or max: '{cfg.monitor_mode}'")
     require(bool(cfg.out_dir), "out_dir must not be empty")
+    require(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.optimizer}'")
     require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    lr_multipliers(cfg.lr_multipliers)  # raises ConfigError when malformed
+    for key in ("beta1", "beta2", "momentum"):
+        require(0 <= getattr(cfg, key) < 1, f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    require(cfg.eps > 0, f"eps must be > 0, got {cfg.eps}")
     require(0 <= cfg.min_lr <= cfg.lr, f"min_lr must be between 0 and lr ({cfg.lr}), got {cfg.min_lr}")
     require(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
     require(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
@@ -250,8 +281,28 @@ def validate(cfg: Config) -> None:
     for key in ("num_workers", "num_threads", "patience"):
         require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     require(cfg.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
+    require(cfg.max_time_minutes >= 0, f"max_time_minutes must be >= 0 (0: no limit), got {cfg.max_time_minutes}")
     for problem in check_task_config(cfg.task):
         raise ConfigError(problem)
+
+
+def lr_multipliers(text: str) -> list[tuple[str, float]]:
+    """``"backbone.=0.1,head.=2"`` as ``[("backbone.", 0.1), ("head.", 2.0)]``: parameter-name prefixes and the
+    factor their lr is multiplied by (the first prefix that matches a name counts)."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        prefix, sep, factor = item.partition("=")
+        try:
+            value = float(factor) if sep and prefix else -1.0
+        except ValueError:
+            value = -1.0
+        if value <= 0:
+            raise ConfigError(
+                f'lr_multipliers must be name_prefix=factor pairs with factors > 0 (e.g. "backbone.=0.1,head.=2"), '
+                f"got '{item}'"
+            )
+        pairs.append((prefix.strip(), value))
+    return pairs
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -27,13 +27,15 @@ class MetricsLog:
         self.tensorboard = None
 
     def add_tensorboard(self, folder: Path, first_step: int) -> None:
-        """Also write every number as a TensorBoard scalar (tag = its key), from ``first_step`` on."""
+        """Also write every number as a TensorBoard scalar, from ``first_step`` on: training records'
+        under train/ (train/loss, train/lr...), evaluation records' under val/ (val_acc as val/acc)."""
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: on resume, TensorBoard drops what an interrupted run wrote past the checkpoint.
         self.tensorboard = SummaryWriter(str(folder), purge_step=first_step or None)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], group: str) -> None:
+        """Append ``record`` (with its ``step``); ``group``: train or val, its TensorBoard section."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
@@ -41,7 +43,7 @@ class MetricsLog:
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["step"])
+                    self.tensorboard.add_scalar(f"{group}/{key.removeprefix(group + '_')}", value, record["step"])
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -1,19 +1,23 @@
 """What the run tells you: a start block, a progress bar (or plain lines), and an end summary.
 
-The bar is shown on rank 0 when stdout is a terminal and ``progress: true``;
-in CI, a cluster log or a pipe, a plain line is logged every ``log_every``
-steps instead. Both refresh only at log steps, when the loop has read its
-values from the device anyway: no extra host-device sync.
+The bar is shown on rank 0 when stdout is a terminal at least ``MIN_BAR_COLUMNS``
+wide and ``progress: true``; in CI, a cluster log, a pipe or a terminal too narrow
+for a bar, a plain line is logged every ``log_every`` steps instead, with the
+elapsed time and an estimate of the time left. Both refresh only at log steps,
+when the loop has read its values from the device anyway: no extra host-device sync.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from .config import Config, differences, to_dict
@@ -27,6 +31,12 @@ def describe_run(cfg: Config, device: Any, precision: str, parameters: int, worl
     log.info("run:        %s (%s)", cfg.out_dir, resumed or "fresh start")
     log.info("config:     %s", shown)
     log.info("device:     %s x %d process(es), precision %s (asked: %s)", device, world_size, precision, cfg.precision)
+    if cfg.num_threads:
+        threads = f"{torch.get_num_threads()} (num_threads={cfg.num_threads})"
+    else:  # torch's default fits an idle machine; other jobs, or a tiny model, make the threads wait on each other
+        threads = f"{torch.get_num_threads()} (torch's default, one per core; num_threads=1 is faster for a small "
+        threads += "model or on a machine that runs other jobs)"
+    log.info("threads:    %s CPU threads per process", threads)
     log.info("model:      %s parameters", f"{parameters:,}")
     log.info(
         "batch:      %d samples per optimizer step = %d x %d accum x %d process(es)",
@@ -34,19 +44,40 @@ def describe_run(cfg: Config, device: Any, precision: str, parameters: int, worl
     )  # fmt: skip
 
 
+MIN_BAR_COLUMNS = 40  # narrower (a terminal that reports 0 columns, say) gets plain lines
+
+
+def terminal_columns() -> int:
+    """The width of the terminal stdout is, or 0 when it is not one."""
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 0
+    except (OSError, ValueError):  # no real file descriptor (captured output)
+        return 0
+
+
+def clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
 class Progress:
     """Step counter with throughput; draws a tqdm bar or logs plain lines, refreshed at log steps."""
 
     def __init__(self, cfg: Config, step: int, samples_per_step: int, is_main: bool):
         self.samples_per_step, self.total = samples_per_step, cfg.max_steps
-        self.show_bar = is_main and cfg.progress and sys.stdout.isatty()
+        self.show_bar = is_main and cfg.progress and terminal_columns() >= MIN_BAR_COLUMNS
         # The loss shown is the mean over the last log_every steps: smoothed, and read at no extra cost.
         self.bar = tqdm(
             total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout,
             disable=not self.show_bar, mininterval=0, smoothing=0.1,
         )  # fmt: skip
-        self.last_step, self.last_time, self.last_excluded = step, time.perf_counter(), 0.0
-        self.samples_per_second = 0.0
+        self.started = self.last_time = time.perf_counter()
+        self.last_step, self.last_excluded = step, 0.0
+        self.samples_per_second = self.steps_per_second = 0.0
+
+    def restart_window(self, step: int, excluded: float) -> None:
+        """Measure throughput from here: called after the first step, whose start-up (DataLoader workers, lazy
+        initialisation) is not training speed."""
+        self.last_step, self.last_time, self.last_excluded = step, time.perf_counter(), excluded
 
     def update(self, step: int, loss: float | None, lr: float, grad_norm: float | None, excluded: float) -> None:
         """``loss`` is the mean over the steps since the last update; ``excluded``: seconds so far spent
@@ -54,7 +85,8 @@ class Progress:
         now = time.perf_counter()
         busy = now - self.last_time - (excluded - self.last_excluded)
         if step > self.last_step:
-            self.samples_per_second = (step - self.last_step) * self.samples_per_step / max(busy, 1e-9)
+            self.steps_per_second = (step - self.last_step) / max(busy, 1e-9)
+            self.samples_per_second = self.steps_per_second * self.samples_per_step
         self.last_step, self.last_time, self.last_excluded = step, now, excluded
         shown_loss = loss if loss is not None else float("nan")
         if self.show_bar:
@@ -63,13 +95,16 @@ class Progress:
             )
             self.bar.update(step - self.bar.n)
         else:
+            left = (self.total - step) / self.steps_per_second if self.steps_per_second else 0.0
             log.info(
-                "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %s samples/s",
+                "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %s samples/s  elapsed %s  left ~%s",
                 step, self.total, shown_loss, lr, grad_norm if grad_norm is not None else float("nan"),
-                f"{self.samples_per_second:,.0f}",
+                f"{self.samples_per_second:,.0f}", clock(now - self.started), clock(left),
             )  # fmt: skip
 
-    def close(self) -> None:
+    def close(self, step: int) -> None:
+        """``step``: where the run ended (a signal may stop it between log steps): the bar shows it."""
+        self.bar.update(step - self.bar.n)
         self.bar.close()
 
 

@@ -1,23 +1,44 @@
-"""Preemption: turn SIGTERM and SIGINT into a polite request to stop.
+"""Preemption: turn SIGTERM, SIGINT and the end of ``max_time_minutes`` into a polite request to stop.
 
-The loop checks ``stop.signum`` after each optimizer step (under torchrun,
+The loop checks ``stop.reason()`` after each optimizer step (under torchrun,
 the ranks agree on it at log, evaluation and checkpoint steps, so that every
 rank stops at the same step), writes ``last.pt`` and exits with status
 128 + signal number (143 for SIGTERM, 130 for SIGINT), the code shells and
-schedulers read as "killed by that signal".
-A second Ctrl-C exits at once, without saving.
+schedulers read as "killed by that signal", or 124 when its time ran out
+(what ``timeout`` exits with). A second Ctrl-C exits at once, without saving.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
+
+TIME_LIMIT = 124  # the stop reason, and exit status, when max_time_minutes has run out
+
+
+def exit_status(reason: int) -> int:
+    """0 when nothing stopped the run; 124 for the time limit; 128 + the signal's number for a signal."""
+    if not reason:
+        return 0
+    return TIME_LIMIT if reason == TIME_LIMIT else 128 + reason
 
 
 class StopRequest:
-    def __init__(self) -> None:
+    """``deadline``: a ``time.perf_counter()`` value past which the run is asked to stop (None: never)."""
+
+    def __init__(self, deadline: float | None = None) -> None:
         self.signum: int | None = None
+        self.deadline = deadline
         self._previous: dict[int, object] = {}
+
+    def reason(self) -> int:
+        """Why the run should stop: the signal's number, TIME_LIMIT, or 0 to go on (a clock read, no sync)."""
+        if self.signum is not None:
+            return self.signum
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            return TIME_LIMIT
+        return 0
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None and signum == signal.SIGINT:

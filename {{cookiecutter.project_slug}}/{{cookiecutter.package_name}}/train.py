@@ -15,7 +15,8 @@ Yours to replace: data.py, model.py, task.py (loss and metric).
 
 Exit status: 0 done; 1 training failed (non-finite steps, a checkpoint that
 cannot be read or written); 2 bad input (config, command line); 128 + signal
-when stopped by SIGTERM (143) or SIGINT (130) after writing last.pt.
+when stopped by SIGTERM (143) or SIGINT (130) after writing last.pt; 124 when
+max_time_minutes ran out, after writing last.pt.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from .checkpoint import (
     restore_training,
     save_training,
 )
-from .config import Config, ConfigError, differences, dump_yaml, load_config, to_dict
+from .config import Config, ConfigError, differences, dump_yaml, load_config, lr_multipliers, to_dict
 from .data import build_datasets
 from .evaluate import evaluate
 from .loader import build_loaders
@@ -76,20 +77,21 @@ from .precision import Precision, allow_tf32, resolve_device, resolve_precision
 from .progress import Progress, describe_run, summarize
 from .schedule import build_scheduler, decay_horizon
 from .seed import seed_everything
-from .signals import StopRequest
+from .signals import TIME_LIMIT, StopRequest, exit_status
 from .task import METRIC_GOALS, compute_loss
 
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "last", "best.pt")  # last: parallel=fsdp's, a folder
-# Written when a signal stopped the run (after last.pt), removed when it starts again: torchrun exits 1
-# when its processes exit 143, so a requeue script looks for this file (README, Resuming and preemption).
+# Written when a signal or max_time_minutes stopped the run (after last.pt), removed when it starts again:
+# torchrun exits 1 when its processes exit 143 or 124, so a requeue script looks for this file (README,
+# Resuming and preemption).
 STOPPED_MARKER = "stopped_by_signal"
 # Changing these on resume is harmless; any other difference is reported as one
 # that makes the resumed run differ from an uninterrupted one.
 SAFE_ON_RESUME = {
     *("eval_every", "log_every", "ckpt_every", "out_dir", "num_workers", "num_threads", "device"),
-    *("max_bad_steps", "dist_timeout_minutes", "progress", "tensorboard", "compile", "tf32"),
+    *("max_bad_steps", "dist_timeout_minutes", "progress", "tensorboard", "compile", "tf32", "max_time_minutes"),
 }
 
 
@@ -98,17 +100,26 @@ class TrainingError(RuntimeError):
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    # Weight decay on weight matrices and embeddings only: decaying biases and
-    # norm gains towards zero only hurts.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    """AdamW or SGD with momentum (``cfg.optimizer``), one param group per lr factor and weight decay."""
+    # Weight decay on weight matrices and embeddings only: decaying biases and norm gains towards zero only
+    # hurts. lr_multipliers: parameters whose names start with a prefix get their own lr (the schedule keeps
+    # the ratio); the first two groups hold the others, with and without decay.
+    multipliers = lr_multipliers(cfg.lr_multipliers)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            factor = next((f for prefix, f in multipliers if name.startswith(prefix)), 1.0)
+            groups.setdefault((factor, p.ndim >= 2), []).append(p)
+    param_groups = [
+        {"params": params, "lr": cfg.lr * factor, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (factor, decay), params in groups.items()
     ]
-    # The fused kernel is the fastest AdamW, and it can skip a step on the device
-    # (optimizer_step), so no step needs a host sync. torch has it for CUDA, MPS and the CPU.
-    fused = device.type in ("cuda", "mps", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
+    # The fused kernels are the fastest, and they can skip a step on the device (optimizer_step), so no
+    # step needs a host sync. torch has them for CUDA, MPS and the CPU.
+    fused = device.type in ("cuda", "mps", "cpu") or None
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 def gradients_by_device(params: list[nn.Parameter]) -> dict[torch.device, list[torch.Tensor]]:
@@ -262,7 +273,7 @@ def validate(
     if cfg.monitor not in run.metrics:
         raise ConfigError(f"task.py declares '{cfg.monitor}' but evaluation measured only {sorted(run.metrics)}")
     new_best = is_better(run.metrics[cfg.monitor], run.best_metric, monitor_goal(cfg))
-    metrics_log.write({"step": run.step, **run.metrics})
+    metrics_log.write({"step": run.step, **run.metrics}, group="val")
     shown = "  ".join(f"{k} {v:.4f}" for k, v in run.metrics.items())
     log.info("eval step %d  %s%s", run.step, shown, "  (new best)" if new_best else "")
     if new_best and run.bad_streak == 0:  # never the weights of a bad step
@@ -297,7 +308,7 @@ def evaluation_stopper(
     Under torchrun the ranks agree on it, before each of the batches that every rank's shard has.
     """
     shared_batches = math.ceil(val_size // ctx.world_size / batch_size)
-    return lambda batch: batch < shared_batches and ctx.agree_max(stop.signum or 0) > 0
+    return lambda batch: batch < shared_batches and ctx.agree_max(stop.reason()) > 0
 
 
 def resume_checkpoint_path(cfg: Config) -> Path | None:
@@ -374,19 +385,24 @@ def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, step: in
     return metrics_log
 
 
-def announce_stop(cfg: Config, ctx: distributed.Dist, state: RunState, stop_signal: int) -> None:
-    """Say why the run ends before max_steps; after a signal, also leave the marker a requeue script reads."""
-    if not stop_signal:
+def announce_stop(cfg: Config, ctx: distributed.Dist, state: RunState, stop_reason: int) -> None:
+    """Say why the run ends before max_steps; after a signal or the time limit, also leave the marker a
+    requeue script reads."""
+    if not stop_reason:
         log.warning("early stop at step %d: %d evaluations without a better %s (patience=%d)",
                     state.step, state.evals_since_best, cfg.monitor, cfg.patience)  # fmt: skip
         return
+    if stop_reason == TIME_LIMIT:
+        why = f"time limit (max_time_minutes={cfg.max_time_minutes:g})"
+    else:
+        why = f"signal {stop_reason}"
     if ctx.is_main:
-        (Path(cfg.out_dir) / STOPPED_MARKER).write_text(f"signal {stop_signal} at step {state.step}\n")
-    log.warning("stopped by signal %d at step %d; last.pt saved, resume with resume=auto", stop_signal, state.step)
+        (Path(cfg.out_dir) / STOPPED_MARKER).write_text(f"{why} at step {state.step}\n")
+    log.warning("stopped by %s at step %d; last.pt saved, resume with resume=auto", why, state.step)
 
 
 def finish(
-    cfg: Config, state: RunState, seconds: float, train_seconds: float, samples: int, stop_signal: int
+    cfg: Config, state: RunState, seconds: float, train_seconds: float, samples: int, stop_reason: int
 ) -> dict[str, Any]:
     """The run's summary: printed (the end block) and returned."""
     summary = {
@@ -397,8 +413,9 @@ def finish(
         "best_step": state.best_step,
         "metrics": state.metrics,
         "skipped_steps": state.skipped_total,
-        "stopped_by_signal": stop_signal or None,
-        "exit_code": 128 + stop_signal if stop_signal else 0,
+        "stopped_by_signal": stop_reason if stop_reason not in (0, TIME_LIMIT) else None,
+        "time_limit_reached": stop_reason == TIME_LIMIT,
+        "exit_code": exit_status(stop_reason),
         "out_dir": str(Path(cfg.out_dir)),
         "monitor": cfg.monitor,
         "samples_per_second": samples / max(train_seconds, 1e-9),
@@ -542,7 +559,7 @@ def run(cfg: Config, accelerator: Accelerator, ctx: distributed.Dist, precision:
 
     if state.eval_due and validate(model, val_loader, device, precision, cfg, state, metrics_log):
         save("best.pt")  # the evaluation a stop request cut short, done as the uninterrupted run did
-    stop = StopRequest()
+    stop = StopRequest(deadline=started + 60 * cfg.max_time_minutes if cfg.max_time_minutes else None)
     stop_evaluation = evaluation_stopper(stop, ctx, len(val_set), cfg.batch_size)
 
     # --- the loop: one iteration = one optimizer step over accum_steps micro-batches ---
@@ -558,7 +575,7 @@ def run(cfg: Config, accelerator: Accelerator, ctx: distributed.Dist, precision:
 {%- endif %}
     last_micro = cfg.accum_steps - 1
     lr = optimizer.param_groups[0]["lr"]
-    start_step, stop_signal, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
+    start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
     model.train()
     progress = Progress(cfg, state.step, cfg.batch_size * cfg.accum_steps * ctx.world_size, ctx.is_main)
     # While the bar is drawn, log lines are written above it instead of through it.
@@ -623,22 +640,24 @@ def run(cfg: Config, accelerator: Accelerator, ctx: distributed.Dist, precision:
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             step_values.add(loss_sum / count, grad_norm)
+            if state.step == start_step + 1:  # throughput from here on: the first step also started things up
+                progress.restart_window(state.step, outside_seconds)
 
             # --- between steps: logging, validation, checkpoints (the only places values are read) ---
             final = state.step == cfg.max_steps
             do_log = final or state.step % cfg.log_every == 0
             do_eval = final or state.step % cfg.eval_every == 0
             do_ckpt = final or state.step % cfg.ckpt_every == 0
-            # A stop request (SIGTERM, Ctrl-C) is acted on after the step it arrives in; under torchrun
-            # the ranks agree on it at these steps only, so the hot loop makes no collective of its own.
+            # A stop request (SIGTERM, Ctrl-C, max_time_minutes) is acted on after the step it arrives in;
+            # under torchrun the ranks agree on it at these steps only: the hot loop has no collective of its own.
             if not ctx.enabled or do_log or do_eval or do_ckpt:
-                stop_signal = ctx.agree_max(stop.signum or 0)
-            if not (do_log or do_eval or do_ckpt or stop_signal):
+                stop_reason = ctx.agree_max(stop.reason())
+            if not (do_log or do_eval or do_ckpt or stop_reason):
                 continue
             take_step_values(state, step_values.read(), scaler.is_enabled(), cfg)
             if do_log:
                 record = train_record(state, lr)
-                metrics_log.write(record)  # rank 0 only
+                metrics_log.write(record, group="train")  # rank 0 only
                 progress.update(state.step, record.get("loss"), lr, record.get("grad_norm"), outside_seconds)
             paused = time.perf_counter()
             # best: replaced only when the monitored metric improves (see validate).
@@ -647,21 +666,21 @@ def run(cfg: Config, accelerator: Accelerator, ctx: distributed.Dist, precision:
                 if improved:
                     save("best.pt")
                 elif improved is None:  # abandoned: the ranks agreed on a stop request
-                    stop_signal = ctx.agree_max(stop.signum or 0)
+                    stop_reason = ctx.agree_max(stop.reason())
             # Early stopping: patience evaluations in a row without a new best (the same verdict on every rank).
             out_of_patience = do_eval and cfg.patience > 0 and state.evals_since_best >= cfg.patience
-            if stop_signal or out_of_patience or (do_ckpt and state.bad_streak == 0):
+            if stop_reason or out_of_patience or (do_ckpt and state.bad_streak == 0):
                 save("last.pt")
             outside_seconds += time.perf_counter() - paused
-            if stop_signal or out_of_patience:
-                announce_stop(cfg, ctx, state, stop_signal)
+            if stop_reason or out_of_patience:
+                announce_stop(cfg, ctx, state, stop_reason)
                 break
         train_seconds = time.perf_counter() - loop_started - outside_seconds
-        progress.close()
+        progress.close(state.step)
     metrics_log.close()
 
     samples = (state.step - start_step) * progress.samples_per_step
-    return finish(cfg, state, time.perf_counter() - started, train_seconds, samples, stop_signal)
+    return finish(cfg, state, time.perf_counter() - started, train_seconds, samples, stop_reason)
 
 
 def main(argv: list[str] | None = None) -> int:
