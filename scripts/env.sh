@@ -13,14 +13,14 @@ if ! cmp -s "$ROOT/requirements-dev.txt" "$VENV/.requirements-dev.txt"; then
     pip=("$VENV/bin/python" -m pip install -qq --disable-pip-version-check)
     torch=$(grep -E '^torch==' "$ROOT/requirements-dev.txt" | cut -d' ' -f1)
     # PyTorch first: PyPI's Linux torch is the CUDA build (several GB). Without an NVIDIA GPU take PyTorch's
-    # CPU build, unless a wheel of it is already on this machine (pip's find-links).
-    if "${pip[@]}" --no-index "$torch" 2>/dev/null; then
+    # CPU build, unless a wheel is already on this machine (pip's find-links); its dependencies come below.
+    if "${pip[@]}" --no-index --no-deps "$torch" 2>/dev/null; then
         echo "installed $torch from a wheel on this machine" >&2
     elif command -v nvidia-smi >/dev/null 2>&1; then
-        echo "installing $torch, the CUDA build (an NVIDIA GPU is here; a few GB, several minutes)" >&2
+        echo "installing $torch, the CUDA build (an NVIDIA GPU is here; several GB)" >&2
         "${pip[@]}" "$torch"
     else
-        echo "installing $torch, the CPU build (no NVIDIA GPU here; about 200 MB)" >&2
+        echo "installing $torch, the CPU build (no NVIDIA GPU here; 190 MB to download, 750 MB installed)" >&2
         "${pip[@]}" "$torch" --index-url https://download.pytorch.org/whl/cpu
     fi
     echo "installing the rest of requirements-dev.txt into $VENV (cookiecutter, pytest, ruff, accelerate...)" >&2
