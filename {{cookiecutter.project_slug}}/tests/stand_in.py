@@ -40,7 +40,7 @@ LOOP = [
     *("batch_size=32", "accum_steps=1", "max_steps=120", "eval_every=40", "log_every=20", "ckpt_every=40"),
     *("monitor=val_loss", "monitor_mode=auto", "compile=false", "tensorboard=false", "progress=true", "tf32=true"),
     *("resume=", "overwrite=false", "dist_timeout_minutes=10", "max_time_minutes=0", "debug=false"),
-    *("optimizer=adamw", "lr_multipliers=", "beta1=0.9", "beta2=0.999", "eps=1e-8", "momentum=0.9"),
+    *("optimizer=adamw", "lr_multipliers=", "beta1=0.9", "beta2=0.999", "eps=1e-8", "momentum=0.9", "tracker=none"),
 ]
 METRIC_GOALS = {"val_loss": "min", "val_acc": "max", "val_class_acc": "max"}
 

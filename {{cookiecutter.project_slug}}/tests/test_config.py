@@ -64,6 +64,7 @@ def test_config_round_trips_through_yaml_dict_and_checkpoint(make_config):
         (["precision=fp8"], "precision must be one of auto, bf16, fp16, fp32"),
         (["lr_schedule=linear"], "lr_schedule must be one of warmup_cosine, onecycle, step"),
         (["optimizer=adam"], "optimizer must be one of adamw, sgd"),
+        (["tracker=neptune"], "tracker must be one of none, wandb, mlflow"),
         (["lr_multipliers=head"], "lr_multipliers must be name_prefix=factor pairs with factors > 0"),
         (["beta2=1"], "beta2 must be in [0, 1), got 1.0"),
         (["max_time_minutes=-5"], "max_time_minutes must be >= 0"),

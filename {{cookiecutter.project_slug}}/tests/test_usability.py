@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import pty
@@ -24,6 +25,7 @@ from {{ cookiecutter.package_name }}.progress import Progress
 from {{ cookiecutter.package_name }}.train import main, train
 
 from .conftest import ROOT, checkpoint, cli
+from .faults import SignalOnCall
 
 SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # tests/stand_in_cli.py imports the package from here
 RUN = ["device=cpu", "max_steps=40", "warmup_steps=5", "log_every=10", "eval_every=20"]
@@ -194,6 +196,58 @@ def test_tensorboard_scalars(make_config):
     assert {"train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc"} <= tags  # two sections
     assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
     assert [e.step for e in events.Scalars("val/loss")] == [10, 20]
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_a_tracker_gets_the_numbers_and_a_resumed_run_continues_its_tracker_run(make_config, monkeypatch, tracker):
+    module = pytest.importorskip(tracker)
+    cfg = make_config()
+    # Offline: W&B writes its runs under out_dir/wandb; MLflow into a local file store.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{cfg.out_dir}-mlruns")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    logged, started = [], []
+    if tracker == "wandb":  # what reaches the real W&B run object (its offline files are a binary log)
+        real_init = module.init
+
+        def recording_init(**kwargs):
+            started.append(kwargs.get("id"))
+            run = real_init(**kwargs)
+            real_log = run.log
+            run.log = lambda values, step: (logged.append((step, values)), real_log(values, step=step))
+            return run
+
+        monkeypatch.setattr(module, "init", recording_init)
+    run = ["tracker=" + tracker, "max_steps=20", "warmup_steps=0", "log_every=5", "eval_every=10", "ckpt_every=10"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "compute_loss", SignalOnCall(train_module.compute_loss, 13))  # in step 13
+        assert main(cli(cfg.out_dir, *run, "precision=fp32")) == 143
+    run_id = checkpoint(cfg.out_dir)["progress"]["tracker_run_id"]
+    assert run_id and main(cli(cfg.out_dir, *run, "precision=fp32", "resume=auto")) == 0
+    assert checkpoint(cfg.out_dir)["progress"]["tracker_run_id"] == run_id  # one tracker run, continued
+    if tracker == "mlflow":
+        from mlflow.tracking import MlflowClient
+
+        history = {key: [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
+                   for key in ("train/loss", "val/loss", "val/acc")}  # fmt: skip
+    else:
+        assert started == [None, run_id] and list((Path(cfg.out_dir) / "wandb").glob(f"offline-run-*-{run_id}"))
+        history = {key: [(step, values[key]) for step, values in logged if key in values]
+                   for key in ("train/loss", "val/loss", "val/acc")}  # fmt: skip
+    records = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")  # the source of truth: the same numbers
+    assert history["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in records if "loss" in r]
+    assert history["val/loss"] == [(r["step"], pytest.approx(r["val_loss"])) for r in records if "val_loss" in r]
+    assert [step for step, _ in history["val/acc"]] == [10, 20]
+
+
+def test_a_missing_tracker_package_is_a_clear_error_before_anything_is_written(make_config, monkeypatch, capsys):
+    cfg = make_config()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    assert main(cli(cfg.out_dir, "tracker=wandb")) == 2
+    assert "tracker=wandb needs the wandb package: pip install -e '.[wandb]'" in capsys.readouterr().err
+    assert not Path(cfg.out_dir).exists()
 
 
 def test_tensorboard_missing_is_a_clear_error_before_anything_is_written(make_config, monkeypatch, capsys):

@@ -240,6 +240,7 @@ class RunState:
     unlogged: list[list[float]] = field(default_factory=list)  # [step, loss, grad_norm, skipped, bad] rows
     eval_due: bool = False  # a stop request cut this step's evaluation short: a resumed run does it first
     evals_since_best: int = 0  # evaluations since monitor last improved (early stopping, cfg.patience)
+    tracker_run_id: str = ""  # the W&B or MLflow run this run logs to (cfg.tracker), continued on resume
 
 
 def save_training(
@@ -274,6 +275,7 @@ def save_training(
                 "unlogged_steps": run.unlogged,
                 "eval_due": run.eval_due,
                 "evals_since_best": run.evals_since_best,
+                "tracker_run_id": run.tracker_run_id,
             },
             "rng": rng,
         }
@@ -387,6 +389,7 @@ def restore_training(
             unlogged=progress["unlogged_steps"],
             eval_due=progress.get("eval_due", False),  # absent from older checkpoints
             evals_since_best=progress.get("evals_since_best", 0),
+            tracker_run_id=progress.get("tracker_run_id", ""),
         )
         rng = saved["rng"]
     except (KeyError, ValueError, RuntimeError, TypeError) as e:

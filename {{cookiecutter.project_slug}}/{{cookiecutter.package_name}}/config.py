@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LR_SCHEDULES = ("warmup_cosine", "onecycle", "step")
 PARALLEL = ("ddp", "fsdp")
 OPTIMIZERS = ("adamw", "sgd")
+TRACKERS = ("none", "wandb", "mlflow")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class Config:
     patience: int = 0  # early stopping: stop after this many evaluations without a new best monitor; 0: never
     progress: bool = True  # a progress bar when stdout is a terminal (plain log lines otherwise)
     tensorboard: bool = False  # also write scalars to out_dir/tensorboard (pip install -e '.[tensorboard]')
+    tracker: str = "none"  # none, wandb or mlflow: also log to that experiment tracker (trackers.py)
+    tracker_project: str = "{{ cookiecutter.project_slug }}"  # the W&B project or MLflow experiment
 
     # --- several processes (torchrun) ---
     parallel: str = "ddp"  # ddp: each process holds the whole model; fsdp: each holds 1/N of it (FSDP2)
@@ -254,6 +257,7 @@ def validate(cfg: Config) -> None:
     require(cfg.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got '{cfg.parallel}'")
     require(cfg.monitor_mode in ("auto", "min", "max"), f"monitor_mode must be auto, min or max: '{cfg.monitor_mode}'")
     require(bool(cfg.out_dir), "out_dir must not be empty")
+    require(cfg.tracker in TRACKERS, f"tracker must be one of {', '.join(TRACKERS)}, got '{cfg.tracker}'")
     require(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.optimizer}'")
     require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     lr_multipliers(cfg.lr_multipliers)  # raises ConfigError when malformed

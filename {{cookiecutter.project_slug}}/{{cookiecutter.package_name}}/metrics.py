@@ -25,6 +25,7 @@ class MetricsLog:
     def __init__(self, path: str | Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
         self.tensorboard = None
+        self.tracker = None  # trackers.WandbRun or MlflowRun: log(values, step), finish()
 
     def add_tensorboard(self, folder: Path, first_step: int) -> None:
         """Also write every number as a TensorBoard scalar, from ``first_step`` on: training records'
@@ -35,19 +36,24 @@ class MetricsLog:
         self.tensorboard = SummaryWriter(str(folder), purge_step=first_step or None)
 
     def write(self, record: dict[str, Any], group: str) -> None:
-        """Append ``record`` (with its ``step``); ``group``: train or val, its TensorBoard section."""
+        """Append ``record`` (with its ``step``); ``group``: train or val, its section in TensorBoard and trackers."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {f"{group}/{key.removeprefix(group + '_')}": value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float))}  # fmt: skip
         if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"{group}/{key.removeprefix(group + '_')}", value, record["step"])
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, record["step"])
+        if self.tracker is not None:
+            self.tracker.log(scalars, record["step"])
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.tracker is not None:
+            self.tracker.finish()
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records past the checkpoint's step (they will be logged again) and any torn last line."""

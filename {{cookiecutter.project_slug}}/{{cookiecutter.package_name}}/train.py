@@ -79,6 +79,7 @@ from .schedule import build_scheduler, decay_horizon
 from .seed import seed_everything
 from .signals import TIME_LIMIT, StopRequest, exit_status
 from .task import METRIC_GOALS, compute_loss
+from .trackers import TrackerError, require_tracker, start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -365,23 +366,34 @@ def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path) -> Non
         log.info("resume: %d config change(s) against %s", len(changes), path)
 
 
-def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, step: int) -> MetricsLog:
-    """Rank 0 writes the run's folder (config.yaml; a fresh metrics.jsonl, or the resumed one cut at ``step``)."""
-    out_dir = Path(cfg.out_dir)
+def prepare_out_dir(cfg: Config, ctx: distributed.Dist, resuming: bool, state: RunState) -> MetricsLog:
+    """Rank 0 writes the run's folder (config.yaml; a fresh metrics.jsonl, or the resumed one cut at the
+    checkpoint's step) and starts the tracker (continuing the checkpoint's tracker run)."""
+    out_dir, step = Path(cfg.out_dir), state.step
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", enabled=ctx.is_main)
+    error = None
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:
             for name in RUN_FILES:  # only reached with overwrite=true, or an empty folder
                 remove(out_dir / name)
-            shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+            for folder in ("tensorboard", "wandb"):
+                shutil.rmtree(out_dir / folder, ignore_errors=True)
         (out_dir / STOPPED_MARKER).unlink(missing_ok=True)
         if cfg.tensorboard:
             metrics_log.add_tensorboard(out_dir / "tensorboard", first_step=step)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
         if resuming:
             metrics_log.truncate_after(step)
-    ctx.barrier()  # the other ranks only read what rank 0 wrote
+        if cfg.tracker != "none":
+            try:
+                metrics_log.tracker = start_tracker(cfg, state.tracker_run_id, out_dir)
+                state.tracker_run_id = metrics_log.tracker.run_id
+            except TrackerError as e:
+                error = e
+    # The other ranks only read what rank 0 wrote; they stop with it when its tracker could not start.
+    if ctx.agree_max(error is not None):
+        raise error or TrackerError("rank 0 could not start the tracker; its message says why")
     return metrics_log
 
 
@@ -506,6 +518,7 @@ def run(cfg: Config, accelerator: Accelerator, ctx: distributed.Dist, precision:
     allow_tf32(device, cfg.tf32)
     if cfg.tensorboard:
         require_tensorboard()
+    require_tracker(cfg)
     # Rank 0 decides whether and from where to resume (nodes may have disks of their own); every rank follows.
     resume_from = ctx.decide_on_main(lambda: resume_checkpoint_path(cfg))
     check_out_dir(cfg, resume_from)
@@ -550,7 +563,7 @@ def run(cfg: Config, accelerator: Accelerator, ctx: distributed.Dist, precision:
         report_config_changes(saved["config"], cfg, resume_from)
         state = restore_training(saved, resume_from, cfg, ctx, model, optimizer, scheduler, scaler, batches)
     out_dir = Path(cfg.out_dir)
-    metrics_log = prepare_out_dir(cfg, ctx, saved is not None, state.step)
+    metrics_log = prepare_out_dir(cfg, ctx, saved is not None, state)
     describe_run(cfg, device, precision.name, sum(p.numel() for p in params), ctx.world_size,
                  f"resumed from {resume_from} at step {state.step}" if saved is not None else "")  # fmt: skip
 
@@ -707,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{error}: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, TrainingError) as e:
+    except (CheckpointError, TrainingError, TrackerError) as e:
         print(f"{error}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
