@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,25 @@ def nan_loss_on(
         return (value + float("inf") if finite_gradients else value * float("nan")), count
 
     monkeypatch.setattr(train_module, "compute_loss", loss)
+
+
+def before_each_step(monkeypatch, look: Callable[[torch.optim.Optimizer], None]) -> None:
+    """Call ``look(optimizer)`` just before every step the optimizer takes (skipped ones included: a fused
+    optimizer skips inside its step), whichever loop calls it."""
+    real_build = train_module.build_optimizer
+
+    def build_watched_optimizer(model, cfg, device):
+        optimizer = real_build(model, cfg, device)
+        real_step = optimizer.step
+
+        def step(*args, **kwargs):
+            look(optimizer)
+            return real_step(*args, **kwargs)
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", build_watched_optimizer)
 
 
 def record_saves(monkeypatch) -> list[tuple[str, int]]:

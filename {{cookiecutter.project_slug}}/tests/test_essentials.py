@@ -20,7 +20,16 @@ from {{ cookiecutter.package_name }}.train import main, train
 {%- endif %}
 
 from . import stand_in
-from .conftest import assert_same_weights, checkpoint, cli, eval_records, first_moments, record_saves, train_records
+from .conftest import (
+    assert_same_weights,
+    before_each_step,
+    checkpoint,
+    cli,
+    eval_records,
+    first_moments,
+    record_saves,
+    train_records,
+)
 
 
 def losses(out_dir) -> list[float | None]:
@@ -91,22 +100,9 @@ def test_each_step_sees_only_its_own_gradients(make_config, monkeypatch):
             return self.weight.expand(len(x))
 
     seen = []
-    real_build = train_module.build_optimizer
-
-    def build_spied_optimizer(model, cfg, device):
-        optimizer = real_build(model, cfg, device)
-        real_step = optimizer.step
-
-        def step(*args, **kwargs):
-            seen.append(optimizer.param_groups[1]["params"][0].grad.item())
-            return real_step(*args, **kwargs)
-
-        optimizer.step = step
-        return optimizer
-
     monkeypatch.setattr(train_module, "build_model", lambda cfg: Constant())
     monkeypatch.setattr(train_module, "compute_loss", lambda output, target: (output.sum(), output.numel()))
-    monkeypatch.setattr(train_module, "build_optimizer", build_spied_optimizer)
+    before_each_step(monkeypatch, lambda optimizer: seen.append(optimizer.param_groups[1]["params"][0].grad.item()))
     monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_acc": 0.0})
     train(make_config("max_steps=5", "warmup_steps=0", "accum_steps=2", "clip_grad_norm=0", "eval_every=5"))
     assert seen == [1.0] * 5
@@ -137,21 +133,12 @@ def test_a_micro_batch_without_targets_adds_nothing(make_config, monkeypatch):
 @pytest.mark.parametrize("max_norm", [0.01, 0.0])
 def test_the_optimizer_steps_with_clipped_gradients(make_config, monkeypatch, max_norm):
     norms_seen_by_step = []
-    real_build = train_module.build_optimizer
 
-    def build_spied_optimizer(model, cfg, device):
-        optimizer = real_build(model, cfg, device)
-        real_step = optimizer.step
+    def record_norm(optimizer):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms_seen_by_step.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
-        def step(*args, **kwargs):
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            norms_seen_by_step.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
-            return real_step(*args, **kwargs)
-
-        optimizer.step = step
-        return optimizer
-
-    monkeypatch.setattr(train_module, "build_optimizer", build_spied_optimizer)
+    before_each_step(monkeypatch, record_norm)
     cfg = make_config("precision=fp32", "max_steps=10", "log_every=1", f"clip_grad_norm={max_norm}")
     train(cfg)
     logged = [r["grad_norm"] for r in train_records(cfg.out_dir)]  # the norm before clipping

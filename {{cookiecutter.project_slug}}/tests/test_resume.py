@@ -10,12 +10,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
+from {{ cookiecutter.package_name }} import signals as signals_module
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, RunState, save_checkpoint
 from {{ cookiecutter.package_name }}.loader import build_loaders
@@ -86,22 +88,24 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch, a
 def test_max_time_saves_and_exits_124_and_the_resumed_run_is_the_uninterrupted_one(make_config, monkeypatch, caplog):
     reference = make_config(*RUN, name="reference")
     train(reference)
-    limited = make_config(*RUN, "max_time_minutes=0.02", name="limited")  # 1.2 s
-    real_loss, calls = train_module.compute_loss, {"n": 0}
+    limited = make_config(*RUN, name="limited")
+    # The clock the stop request reads jumps an hour during step 7: the limit passes there, on any machine.
+    real_loss, calls, hours = train_module.compute_loss, {"n": 0}, {"passed": 0}
 
-    def slow_step_7(output, target):  # 1.3 s in step 7: the limit passes there, whatever the machine's speed
+    def an_hour_in_step_7(output, target):
         calls["n"] += 1
-        if calls["n"] == 13:  # step 7's first micro-batch (accum_steps=2)
-            time.sleep(1.3)
+        hours["passed"] += calls["n"] == 13  # step 7's first micro-batch (accum_steps=2)
         return real_loss(output, target)
 
+    clock = SimpleNamespace(perf_counter=lambda: time.perf_counter() + 3600 * hours["passed"])
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "compute_loss", slow_step_7)
-        assert main(cli(limited.out_dir, *RUN, "max_time_minutes=0.02")) == 124  # what timeout(1) exits with
+        patch.setattr(train_module, "compute_loss", an_hour_in_step_7)
+        patch.setattr(signals_module, "time", clock)
+        assert main(cli(limited.out_dir, *RUN, "max_time_minutes=30")) == 124  # what timeout(1) exits with
     assert checkpoint(limited.out_dir)["step"] == 7  # saved at once, between checkpoints
     marker = (Path(limited.out_dir) / "stopped_by_signal").read_text()
-    assert marker == "time limit (max_time_minutes=0.02) at step 7\n"
-    assert "stopped by time limit (max_time_minutes=0.02) at step 7; last.pt saved" in caplog.text
+    assert marker == "time limit (max_time_minutes=30) at step 7\n"
+    assert "stopped by time limit (max_time_minutes=30) at step 7; last.pt saved" in caplog.text
     assert train(make_config(*RUN, "resume=auto", name="limited"))["exit_code"] == 0
     assert_same_run(reference.out_dir, limited.out_dir)
 

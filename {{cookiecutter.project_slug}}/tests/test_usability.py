@@ -14,6 +14,7 @@ import sys
 import termios
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -114,17 +115,17 @@ def test_the_bar_ends_at_the_step_the_run_stopped(make_config, monkeypatch):
 
 
 def test_throughput_leaves_out_the_start_up(make_config, monkeypatch, caplog):
-    # The first step also starts things up (here a slow first batch): the first samples/s would be a
-    # fraction of the others if it counted.
-    real_loss, calls = train_module.compute_loss, {"n": 0}
+    # The first step also starts things up: here the clock the progress reads jumps 10 s in it. The first
+    # samples/s would be a small fraction of the others if it counted.
+    real_loss, start_up = train_module.compute_loss, {"seconds": 0.0}
 
     def slow_first_batch(output, target):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            time.sleep(0.3)
+        start_up["seconds"] = 10.0
         return real_loss(output, target)
 
     monkeypatch.setattr(train_module, "compute_loss", slow_first_batch)
+    clock = SimpleNamespace(perf_counter=lambda: time.perf_counter() + start_up["seconds"])
+    monkeypatch.setattr(progress_module, "time", clock)
     monkeypatch.setattr(progress_module, "terminal_columns", lambda: 0)  # plain lines, into caplog
     with caplog.at_level("INFO"):
         train(make_config("max_steps=30", "warmup_steps=0", "log_every=10", "eval_every=100", "ckpt_every=100"))
