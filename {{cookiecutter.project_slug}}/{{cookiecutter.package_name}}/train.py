@@ -543,8 +543,7 @@ def run(cfg: Config, accelerator: Accelerator, ctx: distributed.Dist, precision:
     # A GradScaler for fp16 (agreeing on overflows across FSDP's shards); for bf16 and fp32 one that does nothing.
     scaler = precision.make_scaler(sharded=ctx.enabled and cfg.parallel == "fsdp")
 {%- else %}
-    # Accelerate: DDP under several processes, autocast around the model's forward (bf16, fp16), and an
-    # optimizer whose step goes through its GradScaler (fp16). The loaders are ours (resumable mid-epoch).
+    # Accelerate: DDP under several processes, autocast around the forward, fp16's GradScaler in the step.
     model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg, device))
     params = [p for p in model.parameters() if p.requires_grad]
     # Not prepared: a torch LR scheduler prepared by Accelerate steps num_processes times per optimizer
@@ -638,10 +637,8 @@ def run(cfg: Config, accelerator: Accelerator, ctx: distributed.Dist, precision:
             divide_gradients(params, count / ctx.world_size)
             # Unscales fp16's gradients (its GradScaler notes any inf), then clips; 0 = no clipping: no limit.
             grad_norm = accelerator.clip_grad_norm_(params, cfg.clip_grad_norm or math.inf)
-            # The non-finite guard: a step whose gradients hold an inf or NaN would corrupt the weights, so
-            # it is skipped. Accelerate's step cannot skip on the device: one host read per step. Under DDP
-            # the gradients were all-reduced: every rank skips. fp16's GradScaler skips such a step itself,
-            # and lowers its scale.
+            # The non-finite guard: a step with inf/NaN gradients (all-reduced: on every rank) is skipped, by a
+            # host read per step, as Accelerate's step cannot skip on the device; fp16's GradScaler skips it itself.
             finite = bool(torch.isfinite(grad_norm))
             lr = optimizer.param_groups[0]["lr"]
             if finite or accelerator.scaler is not None:
