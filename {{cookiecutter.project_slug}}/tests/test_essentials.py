@@ -255,7 +255,8 @@ def test_training_logs_the_scheduled_lr(make_config):
 
 
 def test_optimizer_settings_and_lr_multipliers_reach_the_optimizer_with_decay_grouping_kept(make_config):
-    cfg = make_config("max_steps=3", "warmup_steps=0", "beta1=0.8", "beta2=0.95", "eps=1e-6", "lr_multipliers=0.=0.1")
+    cfg = make_config("max_steps=3", "warmup_steps=0", "lr_schedule=warmup_cosine", "beta1=0.8", "beta2=0.95",
+                      "eps=1e-6", "lr_multipliers=0.=0.1")  # fmt: skip
     train(cfg)
     groups = checkpoint(cfg.out_dir)["optimizer"]["param_groups"]  # parameters by name
     assert [sorted(g["params"]) for g in groups] == [["1.weight", "4.weight"], ["1.bias", "4.bias"], ["0.weight"]]
