@@ -20,13 +20,14 @@ ESSENTIALS = {
     "seed": ["seed.py"],
     "mixed precision": ["precision.py"],
     "gradient clipping": ["train.py:clip_gradients"],
-    "accumulation": ["train.py:divide_gradients", "train.py:gradients_by_device", "distributed.py:no_gradient_sync"],
+    "accumulation": ["train.py:divide_gradients", "distributed.py:no_gradient_sync"],
     "LR schedule": ["schedule.py"],
     "validation + best checkpoint": ["evaluate.py", "train.py:validate", "train.py:monitor_goal", "train.py:is_better"],
-    "non-finite guard": ["train.py:optimizer_step", "train.py:take_step_values", "train.py:StepValues"],
-    "device and processes (DDP, FSDP)": ["distributed.py", "train.py:start_accelerator"],
-    "checkpoints and resume": ["checkpoint.py", "loader.py"],
-    "the loop: train() and run()": ["train.py:train", "train.py:run"],
+    "non-finite guard": ["train.py:optimizer_step", "state.py:StepLog"],
+    "device and processes (DDP, FSDP)": ["distributed.py"],
+    "checkpoints and resume": ["checkpoint.py", "state.py", "loader.py"],
+    "the run folder": ["run_folder.py"],
+    "the loop: train_step, set_up, run": ["train.py:train_step", "train.py:set_up", "train.py:train", "train.py:run"],
 }
 
 

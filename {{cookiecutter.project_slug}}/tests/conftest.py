@@ -108,7 +108,7 @@ def sharded_weights(folder: str | Path) -> tuple[int, dict[str, torch.Tensor]]:
     """The step and the whole weights of a sharded checkpoint (parallel=fsdp's out_dir/last), read in this process."""
     saved = checkpoint_module.read_sharded(Path(folder))
     model = stand_in.build_model(None)
-    checkpoint_module.load_sharded(saved["sharded"], model)
+    checkpoint_module.load_weights(model, saved, folder)
     return saved["step"], model.state_dict()
 
 

@@ -33,6 +33,7 @@ from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_param_
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
+from {{ cookiecutter.package_name }} import run_folder
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.checkpoint import CheckpointError
 from {{ cookiecutter.package_name }}.config import ConfigError
@@ -125,7 +126,7 @@ def main() -> int:
         train_module.build_datasets = failing_datasets
 
     if os.environ.get("PROBE_NO_CHECKPOINT_ON") == str(rank):
-        train_module.resume_checkpoint_path = lambda cfg: None
+        run_folder.resume_checkpoint_path = lambda cfg: None
     if os.environ.get("PROBE_UNREADABLE_ON") == str(rank):
 
         def unreadable(path):

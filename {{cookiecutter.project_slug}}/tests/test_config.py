@@ -19,11 +19,19 @@ from .conftest import ROOT, checkpoint, cli
 
 def test_defaults_yaml_and_overrides_are_applied_in_order(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("lr: 1e-3\nbatch_size: 16\nmax_steps: 500\n")  # 1e-3 is a string to YAML: still accepted
+    path.write_text("lr: 1e-3\nbatch_size: 16\nmax_steps: 500\n")  # 1e-3: a float (YAML 1.2), not a string (1.1)
     cfg = load_config(path, ["batch_size=8", "overwrite=true", "clip_grad_norm=0"])
     assert cfg.lr == 1e-3 and cfg.batch_size == 8 and cfg.max_steps == 500 and cfg.overwrite is True
     assert cfg.clip_grad_norm == 0.0 and isinstance(cfg.clip_grad_norm, float)
     assert cfg.weight_decay == Config().weight_decay
+
+
+def test_values_are_read_by_yamls_rules_and_checked_against_the_fields_type():
+    cfg = load_config(None, ["lr=3e-4", "max_time_minutes=90", "overwrite=yes", "out_dir=2024", "resume=",
+                             "tracker_project=on", "seed=7"])  # fmt: skip
+    assert cfg.lr == 3e-4 and cfg.max_time_minutes == 90.0 and isinstance(cfg.max_time_minutes, float)
+    assert cfg.overwrite is True and cfg.seed == 7
+    assert cfg.out_dir == "2024" and cfg.resume == "" and cfg.tracker_project == "on"  # strings, as written
 
 
 def test_the_task_settings_are_one_group_in_yaml_command_line_and_checkpoint(tmp_path):
@@ -71,7 +79,11 @@ def test_config_round_trips_through_yaml_dict_and_checkpoint(make_config):
         (["device=tpu"], "device must be auto, cpu, cuda, cuda:N or mps"),
         (["max_steps"], "override 'max_steps' is not key=value"),
         (["monitor=val_acc_typo"], "monitor 'val_acc_typo' is not a metric of task.py; choose one of ['val_acc', 'val"),
-        (["monitor=val_acc", "monitor_mode=min"], "monitor_mode=min contradicts task.py, where val_acc is better when"),
+        (["debug=1"], "debug must be true or false, got 1"),
+        (["max_steps=true"], "max_steps must be an integer, got True"),
+        (["max_steps=1e3"], "max_steps must be an integer, got 1000.0"),
+        (["lr=[1,"], "override 'lr=[1,': the value is not valid YAML"),
+        (["monitor_mode=min"], "unknown config key 'monitor_mode'"),  # METRIC_GOALS in task.py decides
         (["task.no_such_setting=1"], "unknown config key 'task.no_such_setting'"),
         (["task=small"], "task must be a mapping of the task's settings (name: value), got 'small'"),
     ],

@@ -11,6 +11,9 @@ from torch.nn import functional as F
 from {{ cookiecutter.package_name }} import distributed
 {% endif -%}
 from {{ cookiecutter.package_name }} import train as train_module
+{%- if cookiecutter.loop == "plain" %}
+from {{ cookiecutter.package_name }}.config import load_config
+{%- endif %}
 from {{ cookiecutter.package_name }}.evaluate import evaluate
 from {{ cookiecutter.package_name }}.precision import Precision, allow_tf32, resolve_precision
 from {{ cookiecutter.package_name }}.seed import rng_state, set_rng_state
@@ -114,8 +117,8 @@ def test_one_process_on_gpu_n_makes_it_the_current_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    ctx, device = distributed.setup("cuda:1", timeout_minutes=1)
-    assert device == torch.device("cuda", 1) and chosen == [device] and not ctx.enabled
+    ctx = distributed.setup(load_config(None, ["device=cuda:1"]))
+    assert ctx.device == torch.device("cuda", 1) and chosen == [ctx.device] and not ctx.enabled
 {%- else %}
 
 

@@ -122,7 +122,7 @@ def test_sigterm_to_one_rank_stops_every_rank_and_resumes_in_one_process(make_co
     summary = train(resumed)
     assert summary["step"] == stopped_at + 10 and summary["exit_code"] == 0
     assert not (out_dir / "stopped_by_signal").exists()
-    data = checkpoint(out_dir)["progress"]["data"]
+    data = checkpoint(out_dir)["data"]
     assert data["samples_in_epoch"] % 64 == 0
 
 
@@ -168,7 +168,7 @@ def test_sigterm_during_evaluation_stops_every_rank_at_once(tmp_path):
     output, _ = process.communicate(timeout=300)
     assert [p["exit_code"] for p in probes(out_dir)] == [143, 143], output
     saved = checkpoint(out_dir)
-    assert saved["step"] == 10 and saved["progress"]["eval_due"] is True
+    assert saved["step"] == 10 and saved["eval_due"] is True
 {%- if cookiecutter.loop == "plain" %}
 
 

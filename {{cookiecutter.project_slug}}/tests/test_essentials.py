@@ -303,7 +303,7 @@ def test_best_checkpoint_is_replaced_only_on_improvement(make_config, monkeypatc
 def test_monitor_val_acc_keeps_the_highest(make_config, monkeypatch):
     scripted = iter([0.5, 0.7, 0.6])
     monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_acc": next(scripted)})
-    cfg = make_config("max_steps=6", "warmup_steps=0", "eval_every=2", "monitor=val_acc")  # monitor_mode=auto
+    cfg = make_config("max_steps=6", "warmup_steps=0", "eval_every=2", "monitor=val_acc")  # METRIC_GOALS: max
     train(cfg)
     assert checkpoint(cfg.out_dir, "best.pt")["step"] == 4
 
@@ -315,21 +315,23 @@ def test_early_stopping_after_patience_evaluations_without_a_new_best(make_confi
     summary = train(cfg)
     assert summary["step"] == 12 and summary["exit_code"] == 0  # best at step 8, then 10 and 12 no better
     assert checkpoint(cfg.out_dir)["step"] == 12 and checkpoint(cfg.out_dir, "best.pt")["step"] == 8
-    assert checkpoint(cfg.out_dir)["progress"]["evals_since_best"] == 2  # a resumed run keeps counting
+    assert checkpoint(cfg.out_dir)["evals_since_best"] == 2  # a resumed run keeps counting
 
 
 def test_init_from_starts_a_fresh_run_from_another_runs_weights(make_config, monkeypatch, capsys):
     source = make_config("max_steps=6", "warmup_steps=0", "eval_every=3", name="source")
     train(source)
     best = checkpoint(source.out_dir, "best.pt")
-    seen = []
+    models, seen = [], []
     real_build = train_module.build_optimizer
 
-    def spy(model, cfg, device):  # the weights the new run starts from
-        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+    def spy(model, cfg, device):
+        models.append(model)
         return real_build(model, cfg, device)
 
     monkeypatch.setattr(train_module, "build_optimizer", spy)
+    # The weights the new run starts from: those its first optimizer step sees.
+    before_each_step(monkeypatch, lambda _: seen.append({k: v.clone() for k, v in models[0].state_dict().items()}))
     # fp32: no skipped step (fp16 skips its first few while its scale settles), so the optimizer steps 4 times.
     tuned = make_config("precision=fp32", "max_steps=4", "warmup_steps=0", f"init_from={source.out_dir}/best.pt",
                         name="tuned")  # fmt: skip

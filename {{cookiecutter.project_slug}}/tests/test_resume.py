@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import subprocess
@@ -19,11 +20,12 @@ from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import signals as signals_module
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, RunState, save_checkpoint
+from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, save_checkpoint
 from {{ cookiecutter.package_name }}.loader import build_loaders
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.schedule import lr_at
-from {{ cookiecutter.package_name }}.train import TrainingError, main, take_step_values, train
+from {{ cookiecutter.package_name }}.state import StepLog
+from {{ cookiecutter.package_name }}.train import TrainingError, main, train
 
 from . import stand_in
 from .augment import augmenting
@@ -78,7 +80,7 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch, a
         signal_during_step(patch, step=23)  # epoch 1, 7 steps in: mid-epoch, between checkpoints
         summary = train(interrupted)
     assert summary["step"] == 23 and summary["exit_code"] == 128 + signal.SIGTERM
-    assert checkpoint(interrupted.out_dir)["progress"]["data"] == {"epoch": 1, "samples_in_epoch": 14 * 32}
+    assert checkpoint(interrupted.out_dir)["data"] == {"epoch": 1, "samples_in_epoch": 14 * 32}
 
     resumed = train(make_config(*RUN, workers, "resume=auto", name="interrupted"))
     assert resumed["step"] == 40 and resumed["exit_code"] == 0
@@ -141,7 +143,7 @@ def test_a_stop_during_evaluation_saves_at_once_and_the_resumed_run_evaluates_fi
         summary = train(interrupted)
     assert summary["step"] == 10 and summary["exit_code"] == 143
     assert sigterm_on_the_third_batch.calls == 3  # the other 13 batches of the evaluation were not waited for
-    assert checkpoint(interrupted.out_dir)["progress"]["eval_due"] is True
+    assert checkpoint(interrupted.out_dir)["eval_due"] is True
     assert not [r for r in read_metrics(Path(interrupted.out_dir) / "metrics.jsonl") if "val_loss" in r]
     train(make_config(*run, "resume=auto", name="interrupted"))
     assert_same_run(reference.out_dir, interrupted.out_dir)
@@ -354,6 +356,12 @@ def test_a_longer_cosine_run_keeps_its_schedule_with_decay_steps(make_config, ca
     assert lrs[20:] == pytest.approx([cfg.min_lr] * 10)  # past its end, the schedule holds min_lr
 
 
+def older_format(path: Path) -> None:
+    """The checkpoint as the previous format (v2) labelled it."""
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "format": checkpoint_module.FORMAT.replace("-v3", "-v2")}, path)
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -362,8 +370,9 @@ def test_a_longer_cosine_run_keeps_its_schedule_with_decay_steps(make_config, ca
         (lambda p: p.write_text("epoch,loss\n"), "is unreadable: not a whole torch.save file"),
         (lambda p: torch.save({"model": {}}, p), "is not a checkpoint of this project"),
         (lambda p: torch.save(torch.nn.Linear(2, 2), p), "is refused: it holds Python objects besides tensors"),
+        (older_format, "was saved by another version of this project (format v2; this one reads v3): resume or"),
     ],
-    ids=["truncated", "garbage", "text", "another-project", "pickled-module"],
+    ids=["truncated", "garbage", "text", "another-project", "pickled-module", "older-format"],
 )
 def test_a_damaged_checkpoint_is_reported_and_left_alone(make_config, capsys, damage, message):
     cfg = make_config("max_steps=3", "warmup_steps=0")
@@ -582,17 +591,18 @@ def test_an_inf_loss_with_finite_gradients_is_bad_but_stepped(make_config, monke
 
 
 @pytest.mark.parametrize("fp16", [False, True])
-def test_an_overflow_is_bad_except_for_fp16s_scale_search(make_config, fp16):
-    # Rows as read from the device: [loss, grad_norm] of steps 1-4; step 2's gradients overflowed.
-    cfg = make_config("max_bad_steps=2")
-    run = RunState(step=4)
-    take_step_values(run, [[0.5, 1.0], [0.5, float("inf")], [0.4, 1.0], [float("nan"), float("nan")]], fp16, cfg)
-    assert run.skipped_total == 2
-    assert [row[4] for row in run.unlogged] == [0.0, 0.0 if fp16 else 1.0, 0.0, 1.0]  # bad
-    assert run.bad_streak == 1
-    with pytest.raises(TrainingError, match="2 consecutive steps"):
-        run.step = 6
-        take_step_values(run, [[float("inf"), 1.0], [0.3, 1.0]], fp16, cfg)
+def test_an_overflow_is_bad_except_for_fp16s_scale_search(fp16):
+    steps = StepLog()
+    for loss, grad_norm in [(0.5, 1.0), (0.5, math.inf), (0.5, math.inf), (0.25, 1.0), (math.nan, math.nan)]:
+        steps.add(torch.tensor(loss), torch.tensor(grad_norm), lr=0.1)  # steps 1-5, as the loop leaves them
+    if not fp16:  # steps 2 and 3 overflowed: two bad steps in a row
+        with pytest.raises(TrainingError, match=r"2 consecutive steps .* \(last at step 3\)"):
+            steps.read(last_step=5, fp16=False, max_bad_steps=2)
+        return
+    steps.read(last_step=5, fp16=True, max_bad_steps=2)  # fp16's GradScaler overflows on purpose: skipped, not bad
+    assert steps.skipped_total == 3 and steps.bad_streak == 1  # a NaN loss (step 5) is bad with fp16 too
+    assert steps.record(step=5) == {"step": 5, "lr": 0.1, "skipped": 3, "loss": 0.375, "grad_norm": 1.0}
+    assert steps.record(step=6) == {"step": 6, "lr": 0.1, "skipped": 0}  # each record: the steps since the last
 
 
 def test_repeated_non_finite_steps_stop_training_and_keep_the_checkpoints(make_config, monkeypatch, capsys):

@@ -150,12 +150,13 @@ def test_plot_writes_a_real_image(make_config):
     assert 0.02 < ink < 0.5, ink
 
 
-def test_plot_has_a_panel_for_each_metric_whatever_its_name(tmp_path):
+def test_plot_has_a_panel_for_each_metric_whatever_its_name(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     records = [{"step": s, "lr": 0.1, "loss": 1.0 / s, "skipped": 0} for s in range(10, 101, 10)]
     records += [{"step": 50, "val_mae": 0.4, "val_r2": 0.5}, {"step": 100, "val_mae": 0.3, "val_r2": 0.4}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (tmp_path / "config.yaml").write_text("monitor: val_mae\nmonitor_mode: min\n")
+    (tmp_path / "config.yaml").write_text("monitor: val_mae\n")
+    monkeypatch.setitem(plot_module.METRIC_GOALS, "val_mae", "min")  # as a task.py that measures it declares
     train, evals, names = plot_module.split_records(records)
     assert names == ["val_mae", "val_r2"] and len(train) == 10 and len(evals) == 2
     assert plot_module.best_step(evals, tmp_path) == ("val_mae", 100)
@@ -224,9 +225,9 @@ def test_a_tracker_gets_the_numbers_and_a_resumed_run_continues_its_tracker_run(
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "compute_loss", SignalOnCall(train_module.compute_loss, 13))  # in step 13
         assert main(cli(cfg.out_dir, *run, "precision=fp32")) == 143
-    run_id = checkpoint(cfg.out_dir)["progress"]["tracker_run_id"]
+    run_id = checkpoint(cfg.out_dir)["tracker_run_id"]
     assert run_id and main(cli(cfg.out_dir, *run, "precision=fp32", "resume=auto")) == 0
-    assert checkpoint(cfg.out_dir)["progress"]["tracker_run_id"] == run_id  # one tracker run, continued
+    assert checkpoint(cfg.out_dir)["tracker_run_id"] == run_id  # one tracker run, continued
     if tracker == "mlflow":
         from mlflow.tracking import MlflowClient
 

@@ -79,8 +79,7 @@ class Config:
     eval_every: int = 200
     log_every: int = 50
     ckpt_every: int = 200
-    monitor: str = "val_loss"  # metric that decides best.pt (one of METRIC_GOALS in task.py)
-    monitor_mode: str = "auto"  # auto: the direction task.py declares for it; min or max must agree with that
+    monitor: str = "val_loss"  # the metric that decides best.pt, in the direction METRIC_GOALS (task.py) gives
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
     patience: int = 0  # early stopping: stop after this many evaluations without a new best monitor; 0: never
     progress: bool = True  # a progress bar when stdout is a terminal (plain log lines otherwise)
@@ -108,41 +107,29 @@ def _suggest(name: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def parse_value(key: str, raw: Any) -> Any:
-    """Convert ``raw`` (a YAML value or a command-line string) to the type of ``key``."""
-    kind = FIELD_TYPES[key]
-    if kind == "bool":
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(raw, str) and raw.lower() in ("false", "no", "0", "off"):
-            return False
-    elif kind == "int":
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str):
-            try:
-                return int(raw)
-            except ValueError:
-                pass
-    elif kind == "float":
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        if isinstance(raw, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-    elif kind == "str":
-        if raw is None:
-            return ""
-        if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
-            return str(raw)
-    raise ConfigError(f"{key} must be {_TYPE_WORDS[kind]}, got {raw!r}")
+class YamlLoader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, plus YAML 1.2's numbers with an exponent: 1e-3 is a float, not a string."""
 
 
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def typed(key: str, value: Any) -> Any:
+    """``value``, as YAML read it, checked against the type of field ``key`` (an int is a float where one goes)."""
+    kind = FIELD_TYPES[key]
+    if kind == "float" and type(value) is int:
+        return float(value)
+    if kind == "str" and value is None:  # an empty value: `resume:` in a file
+        return ""
+    if kind == "str" and type(value) in (int, float):  # out_dir: 2024
+        return str(value)
+    if kind in TYPES and type(value) is not TYPES[kind]:  # bool is no int here, nor 1 a bool
+        raise ConfigError(f"{key} must be {_TYPE_WORDS[kind]}, got {value!r}")
+    return value  # a TaskConfig field of another type (list[int], say) takes what YAML read
 
 
 def flatten(values: dict[str, Any]) -> dict[str, Any]:
@@ -163,17 +150,22 @@ def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
         if key not in FIELD_TYPES:
             raise ConfigError(f"unknown config key '{key}'{_suggest(key)}")
         group, _, name = key.rpartition(".")
-        setattr(cfg.task if group else cfg, name, parse_value(key, raw))
+        setattr(cfg.task if group else cfg, name, typed(key, raw))
     return cfg
 
 
-def parse_overrides(args: list[str]) -> dict[str, str]:
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``key=value`` arguments: each value read by YAML's rules (a string field's value as written)."""
     values = {}
     for arg in args:
-        key, sep, value = arg.partition("=")
+        key, sep, text = arg.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{arg}' is not key=value (e.g. lr=1e-3)")
-        values[key.strip()] = value.strip()
+        try:
+            values[key] = text.strip() if FIELD_TYPES.get(key) == "str" else yaml.load(text, Loader=YamlLoader)
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{arg}': the value is not valid YAML") from None
     return values
 
 
@@ -186,7 +178,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
@@ -255,7 +247,6 @@ def validate(cfg: Config) -> None:
         f"device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'",
     )
     require(cfg.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got '{cfg.parallel}'")
-    require(cfg.monitor_mode in ("auto", "min", "max"), f"monitor_mode must be auto, min or max: '{cfg.monitor_mode}'")
     require(bool(cfg.out_dir), "out_dir must not be empty")
     require(cfg.tracker in TRACKERS, f"tracker must be one of {', '.join(TRACKERS)}, got '{cfg.tracker}'")
     require(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.optimizer}'")

@@ -10,8 +10,12 @@ gloo) and the model is wrapped in DistributedDataParallel, or sharded with FSDP2
 ``python -m`` run (or a world of one) sets nothing up and behaves as before.
 """
 {%- else -%}
-"""Several processes: the ranks' agreement (stop requests, what to resume from) over the process group
-that Accelerate joined, under ``accelerate launch`` or torchrun.
+"""The device and the processes, through Hugging Face Accelerate, under ``accelerate launch`` or torchrun.
+
+``setup`` makes the ``Accelerator`` (it picks each process's device, joins the
+processes and holds the mixed-precision settings); ``Dist`` is this process's
+place among them, with the ranks' agreement (stop requests, what to resume
+from) over the process group Accelerate joined.
 """
 {%- endif %}
 
@@ -19,11 +23,11 @@ from __future__ import annotations
 
 {% if cookiecutter.loop == "plain" -%}
 import contextlib
-{% endif -%}
 import os
-{%- if cookiecutter.loop == "plain" %}
 from collections.abc import Callable, Iterator
-{%- else %}
+{%- else -%}
+import logging
+import os
 from collections.abc import Callable
 {%- endif %}
 from dataclasses import dataclass, field
@@ -35,22 +39,36 @@ import torch.distributed as dist
 {%- if cookiecutter.loop == "plain" %}
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+{%- else %}
+from accelerate import Accelerator, DistributedType
+from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs
 {%- endif %}
 
-from .config import ConfigError
+from .config import Config, ConfigError
 {%- if cookiecutter.loop == "plain" %}
 from .precision import Precision, resolve_device
+{%- else %}
+from .precision import resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
 {%- endif %}
 
 
 @dataclass
 class Dist:
+    """This process: its rank among the processes, and its device."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # A gloo group for host-side agreement (stop requests, save results), so that
     # deciding them never waits on the GPU stream.
     control: Any = field(default=None, repr=False)
+{%- if cookiecutter.loop == "accelerate" %}
+    accelerator: Any = field(default=None, repr=False)
+{%- endif %}
 
     @property
     def enabled(self) -> bool:
@@ -107,9 +125,8 @@ class Dist:
 
 
 def parallelize(
-    model: nn.Module, strategy: str, ctx: Dist, device: torch.device, precision: Precision,
-    units: Callable[[nn.Module], list[nn.Module]],
-) -> nn.Module:  # fmt: skip
+    model: nn.Module, strategy: str, ctx: Dist, precision: Precision, units: Callable[[nn.Module], list[nn.Module]]
+) -> nn.Module:
     """Under torchrun: DDP (each rank holds the whole model, gradients are all-reduced) or FSDP2 (each rank
     holds 1/world_size of every parameter, gradient and optimizer moment; the submodules ``units(model)``
     returns are gathered one at a time). Build the optimizer after this: FSDP replaces the parameters with
@@ -117,7 +134,8 @@ def parallelize(
     if not ctx.enabled:
         return model
     if strategy == "ddp":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     # bf16/fp16: parameters gathered and computed in that dtype, gradients reduced in fp32.
     low = precision.dtype if precision.name != "fp32" else None
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
@@ -144,23 +162,23 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def setup(device_name: str, timeout_minutes: float) -> tuple[Dist, torch.device]:
+def setup(cfg: Config) -> Dist:
     """Join the process group when launched by torchrun with several processes; pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        device = resolve_device(device_name)
+        device = resolve_device(cfg.device)
         if device.type == "cuda":  # the current GPU is where pinned memory, the bf16 check and new tensors go
             torch.cuda.set_device(device)
-        return Dist(), device
+        return Dist(device=device)
     local_rank = int(os.environ["LOCAL_RANK"])
-    if device_name.startswith("cuda:"):
+    if cfg.device.startswith("cuda:"):
         raise ConfigError(
-            f"device '{device_name}' names one GPU, but under torchrun each process takes cuda:LOCAL_RANK; "
+            f"device '{cfg.device}' names one GPU, but under torchrun each process takes cuda:LOCAL_RANK; "
             "use device=cuda or auto (and CUDA_VISIBLE_DEVICES to choose GPUs)"
         )
-    if device_name == "mps":
+    if cfg.device == "mps":
         raise ConfigError("device 'mps' has no multi-process backend; run without torchrun")
-    device = resolve_device(device_name)
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(
@@ -172,20 +190,50 @@ def setup(device_name: str, timeout_minutes: float) -> tuple[Dist, torch.device]
     elif device.type == "mps":
         device = torch.device("cpu")  # device=auto on a Mac: several processes share the CPU
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = timedelta(minutes=timeout_minutes)
+    timeout = timedelta(minutes=cfg.dist_timeout_minutes)
     dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
-    return joined(timeout_minutes), device
+    return joined(cfg.dist_timeout_minutes, device)
+{%- else %}
+
+
+def setup(cfg: Config) -> Dist:
+    """The Accelerator for this config: its device, its processes (accelerate launch or torchrun), its precision."""
+    if cfg.parallel != "ddp":
+        raise ConfigError("parallel=fsdp is not in this project's Accelerate loop, which runs DDP: use parallel=ddp")
+    if cfg.device.startswith("cuda:"):
+        raise ConfigError(
+            f"device '{cfg.device}': Accelerate gives each process its GPU; use device=cuda (or auto) "
+            "and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    device = resolve_device(cfg.device)  # one that exists here, as the plain loop checks it
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.precision == "fp16" and precision.name == "fp32":
+        log.warning("precision fp16: Accelerate has no fp16 autocast on the CPU; training in fp32")
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",  # also what makes torchrun's CPU processes one group (gloo)
+        mixed_precision={"fp32": "no"}.get(precision.name, precision.name),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))],
+    )
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        raise ConfigError(
+            f"Accelerate is configured for {accelerator.distributed_type.value}; this loop runs one process or "
+            "DDP: run `accelerate config` again without FSDP or DeepSpeed"
+        )
+    ctx = joined(cfg.dist_timeout_minutes, accelerator.device)  # the group Accelerate joined, for the agreement
+    ctx.accelerator = accelerator
+    return ctx
 {%- endif %}
 
 
-def joined(timeout_minutes: float) -> Dist:
+def joined(timeout_minutes: float, device: torch.device) -> Dist:
     """This process's place in the process group (started by ``setup``, or by a library), plus a gloo group
     for host-side agreement when the group's backend is not gloo (NCCL)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return Dist()
+        return Dist(device=device)
     timeout = timedelta(minutes=timeout_minutes)
     control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
-    return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size(), control)
+    return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size(), device, control)
 
 
 def cleanup(ctx: Dist, wait_for_others: bool = True) -> None:
@@ -193,3 +241,7 @@ def cleanup(ctx: Dist, wait_for_others: bool = True) -> None:
         if wait_for_others:  # leave together: gloo can abort at exit when a peer is already gone
             dist.barrier(group=ctx.control)
         dist.destroy_process_group()
+{%- if cookiecutter.loop == "accelerate" %}
+    # Accelerate keeps its state in the process: let a next train() here choose another precision.
+    AcceleratorState._reset_state(reset_partial_state=True)
+{%- endif %}

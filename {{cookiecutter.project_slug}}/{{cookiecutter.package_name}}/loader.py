@@ -133,16 +133,21 @@ class BatchStream:
         self.batch_in_epoch += 1
         return batch
 
-    def state_dict(self, global_batch: int) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         # Samples consumed this epoch by all processes together: every rank has taken the
         # same number of batches, and together they cover a prefix of the epoch's order.
-        return {"epoch": self.epoch, "samples_in_epoch": self.batch_in_epoch * global_batch}
+        return {"epoch": self.epoch, "samples_in_epoch": self.batch_in_epoch * self.global_batch}
 
-    def load_state_dict(self, state: dict[str, int], global_batch: int) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue at the saved position; with another world size, at the nearest batch boundary at or past it."""
         self.epoch = int(state["epoch"])
-        self.batch_in_epoch = -(-int(state["samples_in_epoch"]) // global_batch)  # ceil: never replay a sample
+        self.batch_in_epoch = -(-int(state["samples_in_epoch"]) // self.global_batch)  # ceil: never replay a sample
         self._iterator = None
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per batch over all processes."""
+        return self.batch_size * self.sampler.num_replicas
 
 
 def build_loaders(

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write
 from .config import ConfigError
+from .files import atomic_write
 
 
 def require_tensorboard() -> None:

@@ -45,7 +45,7 @@ def best_step(evals: list[dict[str, Any]], out_dir: Path) -> tuple[str, int] | N
     except (OSError, yaml.YAMLError):
         return None
     monitor = cfg.get("monitor")
-    goal = cfg.get("monitor_mode") if cfg.get("monitor_mode") in ("min", "max") else METRIC_GOALS.get(monitor)
+    goal = METRIC_GOALS.get(monitor)
     seen = [r for r in evals if isinstance(r.get(monitor), (int, float))]
     if not seen or goal is None:
         return None

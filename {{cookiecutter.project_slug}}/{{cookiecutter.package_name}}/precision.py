@@ -105,4 +105,8 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
         name = requested
     if name == "bf16" and device.type != "cpu" and not _bf16_supported(device, emulated_too=True):
         raise ConfigError(f"precision bf16 is not supported on {device}; use precision=fp16 or auto")
+{%- if cookiecutter.loop == "accelerate" %}
+    if name == "fp16" and device.type == "cpu":  # Accelerate has no fp16 autocast on the CPU (distributed.setup warns)
+        name = "fp32"
+{%- endif %}
     return Precision(name, device.type)

@@ -1,0 +1,31 @@
+"""The optimizer: AdamW or SGD with momentum, its parameter groups, and torch's fused kernels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Config, lr_multipliers
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum (``cfg.optimizer``), one param group per lr factor and weight decay."""
+    # Weight decay on weight matrices and embeddings only: decaying biases and norm gains towards zero only
+    # hurts. lr_multipliers: parameters whose names start with a prefix get their own lr (the schedule keeps
+    # the ratio); the first two groups hold the others, with and without decay.
+    multipliers = lr_multipliers(cfg.lr_multipliers)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            factor = next((f for prefix, f in multipliers if name.startswith(prefix)), 1.0)
+            groups.setdefault((factor, p.ndim >= 2), []).append(p)
+    param_groups = [
+        {"params": params, "lr": cfg.lr * factor, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (factor, decay), params in groups.items()
+    ]
+    # The fused kernels are the fastest, and they can skip a step on the device (train.optimizer_step), so no
+    # step needs a host sync. torch has them for CUDA, MPS and the CPU.
+    fused = device.type in ("cuda", "mps", "cpu") or None
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
