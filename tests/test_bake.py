@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -89,6 +90,38 @@ def test_python_compiles_and_passes_ruff(baked):
     ruff = [sys.executable, "-m", "ruff"]
     subprocess.run([*ruff, "check", "--no-cache", "."], cwd=baked.path, check=True)
     subprocess.run([*ruff, "format", "--no-cache", "--check", "."], cwd=baked.path, check=True)
+
+
+# The loop is read and copied: a step in one short function, the loop in a file that can be read in one sitting.
+TRAIN_PY_LINES, FUNCTION_LINES, PARAMETERS, TRAIN_STEP_LINES = 350, 80, 6, 40
+
+
+def test_the_loop_stays_short_enough_to_read(baked):
+    package = baked.path / baked.package
+    assert len((package / "train.py").read_text().splitlines()) <= TRAIN_PY_LINES
+    lengths = {}
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                lengths[f"{path.name}:{node.name}"] = node.end_lineno - first + 1
+                a = node.args
+                names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if p]
+                assert len([n for n in names if n not in ("self", "cls")]) <= PARAMETERS, f"{path.name}:{node.name}"
+    assert max(lengths.values()) <= FUNCTION_LINES, max(lengths, key=lengths.get)
+    assert lengths["train.py:train_step"] <= TRAIN_STEP_LINES
+
+
+def test_the_readmes_anatomy_of_a_step_is_the_code_and_follows_the_lesson(baked):
+    section = (baked.path / "README.md").read_text().split("## Anatomy of a step\n", 1)[1].split("\n## ", 1)[0]
+    shown = section.split("```python\n", 1)[1].split("\n```", 1)[0]
+    source = (baked.path / baked.package / "train.py").read_text()
+    step = next(node for node in ast.parse(source).body if getattr(node, "name", None) == "train_step")
+    assert shown == "\n".join(source.splitlines()[step.lineno - 1 : step.end_lineno])
+    essentials = ["**Config**", "**Seed**", "**Mixed precision**", "**Gradient clipping**", "**LR schedule**",
+                  "**Validation + best checkpoint**", "**Accumulation**"]  # fmt: skip
+    places = [section.index(essential) for essential in essentials]
+    assert places == sorted(places)
 
 
 def test_answers_are_kept_for_updates(baked):
