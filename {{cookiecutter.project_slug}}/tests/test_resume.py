@@ -594,7 +594,7 @@ def test_an_inf_loss_with_finite_gradients_is_bad_but_stepped(make_config, monke
 def test_an_overflow_is_bad_except_for_fp16s_scale_search(fp16):
     steps = StepLog()
     for loss, grad_norm in [(0.5, 1.0), (0.5, math.inf), (0.5, math.inf), (0.25, 1.0), (math.nan, math.nan)]:
-        steps.add(torch.tensor(loss), torch.tensor(grad_norm), lr=0.1)  # steps 1-5, as the loop leaves them
+        steps.add(torch.tensor(2 * loss), torch.tensor(2.0), torch.tensor(grad_norm), lr=0.1)  # (sum, count): steps 1-5
     if not fp16:  # steps 2 and 3 overflowed: two bad steps in a row
         with pytest.raises(TrainingError, match=r"2 consecutive steps .* \(last at step 3\)"):
             steps.read(last_step=5, fp16=False, max_bad_steps=2)

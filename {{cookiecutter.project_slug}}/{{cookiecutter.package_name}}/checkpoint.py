@@ -8,7 +8,9 @@ dicts only, so ``torch.load(path, weights_only=True)`` reads them.
 
 ``save_training(path, state, ctx)`` writes ``state.state_dict()`` (state.py:
 everything a run needs to continue exactly) with every process's RNG streams;
-``restore_training(path, state, ctx)`` puts it back.
+``read_on_every_rank(path, ctx)`` reads one (before the run builds anything,
+so that a checkpoint it cannot use stops every process at once), and
+``restore_training(path, saved, state, ctx)`` puts it back.
 
 With ``parallel=fsdp`` the run's latest state is a sharded checkpoint instead,
 the folder ``out_dir/last``: each process writes its own shards of the model
@@ -109,11 +111,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def read_on_every_rank(path: Path, ctx: Dist) -> dict[str, Any]:
-    """The checkpoint every rank starts from (rank 0 chose it), read on each rank; all fail if one cannot read it."""
+def read_on_every_rank(path: Path | None, ctx: Dist) -> dict[str, Any] | None:
+    """The checkpoint every rank starts from (rank 0 chose it), read on each rank; all fail if one cannot read it.
+    None for no path."""
     saved, error = None, None
     try:
-        saved = load_checkpoint(path)
+        saved = load_checkpoint(path) if path is not None else None
     except CheckpointError as e:
         shared = "; rank 0 resumes from it, so every node needs the same out_dir (a shared filesystem)"
         error = CheckpointError(f"{e}{shared if ctx.enabled and not ctx.is_main else ''}")
@@ -168,10 +171,9 @@ def save_training(path: Path, state: TrainState, ctx: Dist) -> None:
         remove(path.with_name("last.pt" if sharded else "last"))
 
 
-def restore_training(path: Path, state: TrainState, ctx: Dist) -> dict[str, Any]:
-    """Put the checkpoint at ``path`` (a file or a sharded folder) back into ``state``, and this rank's RNG
-    streams; return the config it was saved with. Every rank calls it."""
-    saved = read_on_every_rank(path, ctx)
+def restore_training(path: Path, saved: dict[str, Any], state: TrainState, ctx: Dist) -> None:
+    """Put the checkpoint read from ``path`` (``read_on_every_rank``: a file or a sharded folder) back into
+    ``state``, and this rank's RNG streams. Every rank calls it."""
     try:
         if "sharded" in saved:  # this process's shards of the model and optimizer, read from the saved ones
             shards = state.state_dict(whole=False)
@@ -191,7 +193,6 @@ def restore_training(path: Path, state: TrainState, ctx: Dist) -> dict[str, Any]
     if state.step >= state.cfg.max_steps:
         log.warning("resume: %s is at step %d, and max_steps is %d: nothing to train (raise max_steps to go on)",
                     path, state.step, state.cfg.max_steps)  # fmt: skip
-    return saved["config"]
 
 
 def save_sharded(folder: Path, saved: dict[str, Any], ctx: Dist) -> None:

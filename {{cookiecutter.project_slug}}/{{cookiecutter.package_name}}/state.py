@@ -44,7 +44,7 @@ class StepLog:
     SAVED = ("clean_steps", "loss_total", "grad_norm_total", "skipped", "skipped_total", "bad_streak")
 
     def __init__(self) -> None:
-        self.unread: list[torch.Tensor] = []  # (loss, grad_norm) of each step since the last read, on the device
+        self.unread: list[tuple[torch.Tensor, ...]] = []  # (loss sum, count, grad norm) of the steps not read yet
         self.lr = 0.0  # the learning rate of the last step
         self.clean_steps = 0  # since the last log record: steps with a finite loss and gradients,
         self.loss_total = 0.0  # their losses added up,
@@ -53,8 +53,9 @@ class StepLog:
         self.skipped_total = 0  # the same, over the whole run
         self.bad_streak = 0  # consecutive steps with a non-finite loss or gradient
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
-        self.unread.append(torch.stack((loss, grad_norm)))
+    def add(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        """A step's summed loss, its count of terms and its gradient norm, tensors left where they are."""
+        self.unread.append((loss_sum, count, grad_norm))
         self.lr = lr
 
     def read(self, last_step: int, fp16: bool, max_bad_steps: int) -> None:
@@ -65,7 +66,10 @@ class StepLog:
         scale (it then lowers the scale). A NaN on any rank reaches every rank's loss (summed over ranks) and
         gradients (all-reduced), so every rank counts the same.
         """
-        rows = torch.stack(self.unread).float().tolist() if self.unread else []
+        rows = []
+        if self.unread:
+            sums, counts, norms = (torch.stack(column) for column in zip(*self.unread, strict=True))
+            rows = torch.stack((sums / counts, norms), dim=1).float().tolist()  # each step's mean loss and norm
         self.unread.clear()
         bad_steps = []
         for step, (loss, grad_norm) in enumerate(rows, start=last_step - len(rows) + 1):

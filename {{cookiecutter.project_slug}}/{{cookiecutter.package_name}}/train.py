@@ -142,7 +142,7 @@ def train_step(state: TrainState, ctx: distributed.Dist, precision: Precision) -
     state.scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping measures them
     grad_norm = clip_gradients(state.params, cfg.clip_grad_norm)  # 4. Gradient clipping; the norm before it
     # The non-finite guard: a step whose gradients hold an inf or NaN is skipped, decided on the device.
-    optimizer_step(optimizer, skip=grad_norm.isfinite().logical_not().float())
+    optimizer_step(optimizer, skip=torch.where(grad_norm.isfinite(), 0.0, 1.0))
     state.scaler.update()  # fp16: a smaller scale after an overflow, a larger one after 2000 clean steps
 {%- else %}
     # 4. Gradient clipping, after unscaling fp16's gradients; the norm before it. 0: no limit.
@@ -152,7 +152,7 @@ def train_step(state: TrainState, ctx: distributed.Dist, precision: Precision) -
     if grad_norm.isfinite() or ctx.accelerator.scaler is not None:
         optimizer.step()
 {%- endif %}
-    state.step_log.add(step_loss / step_count, grad_norm, optimizer.param_groups[0]["lr"])  # read at a log step
+    state.step_log.add(step_loss, step_count, grad_norm, optimizer.param_groups[0]["lr"])  # read at a log step
     state.scheduler.step()  # 5. LR schedule: the next step's learning rate (a skipped step counts too)
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -237,6 +237,7 @@ def set_up(cfg: Config, ctx: distributed.Dist, precision: Precision) -> tuple[Tr
     allow_tf32(ctx.device, cfg.tf32)
     monitor_goal(cfg)
     resume_from, init_from = run_folder.choose_start(cfg, ctx)
+    saved = read_on_every_rank(resume_from or init_from, ctx)  # before anything is built: it may not be readable
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg).to(ctx.device)
 {%- if cookiecutter.loop == "plain" %}
@@ -260,9 +261,10 @@ def set_up(cfg: Config, ctx: distributed.Dist, precision: Precision) -> tuple[Tr
         model = compile_model(model, ctx.device)
     state = TrainState(cfg, model, optimizer, build_scheduler(optimizer, cfg), scaler, batches)
     if resume_from is not None:
-        run_folder.report_config_changes(restore_training(resume_from, state, ctx), cfg, resume_from)
+        run_folder.report_config_changes(saved["config"], cfg, resume_from)
+        restore_training(resume_from, saved, state, ctx)
     elif init_from is not None:  # fine-tuning: only the weights; optimizer, schedule and step start afresh
-        load_weights(model, read_on_every_rank(init_from, ctx), init_from)
+        load_weights(model, saved, init_from)
     return state, val_loader, resume_from
 
 
