@@ -49,6 +49,7 @@ from .config import Config, ConfigError, load_config
 from .data import build_datasets
 from .evaluate import evaluate
 from .loader import build_loaders
+from .metrics import MetricsLog
 {%- if cookiecutter.loop == "plain" %}
 from .model import build_model, fsdp_units
 {%- else %}
@@ -175,7 +176,7 @@ def is_better(value: float, best: float | None, goal: str) -> bool:
 
 
 def validate(
-    state: TrainState, val_loader: DataLoader, ctx: distributed.Dist, precision: Precision, metrics_log: Any,
+    state: TrainState, val_loader: DataLoader, ctx: distributed.Dist, precision: Precision, metrics_log: MetricsLog,
     stop: Callable[[int], bool] | None = None,
 ) -> bool | None:  # fmt: skip
     """Essential 6: evaluate, record, and say whether ``best.pt`` is due (``cfg.monitor`` improved).
