@@ -6,9 +6,10 @@ position, with the loop's own counters, behind ``state_dict()`` and
 which torchtitan follows too. checkpoint.py saves that one dict, whole in a
 file or sharded (``parallel=fsdp``), and puts it back.
 
-``StepLog`` is the loop's bookkeeping of its steps: each step's loss and
-gradient norm stay on the device until a log, evaluation or save step reads
-them all at once, and it keeps the totals its next log record is made of.
+``StepLog`` is the loop's bookkeeping of its steps: each step's loss sum,
+count of terms and gradient norm stay on the device until a log, evaluation or
+save step reads them all at once, and it keeps the totals its next log record
+is made of.
 """
 
 from __future__ import annotations
