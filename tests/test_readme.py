@@ -87,7 +87,7 @@ def test_readme_shell_commands_run(project):
     assert (project / "runs" / "smoke" / "curves.png").exists()
     assert (project / "runs" / "try1" / "best.pt").exists()
     assert (project / "runs" / "ddp" / "last.pt").exists()
-    assert (project / "runs" / "readme" / "last.pt").exists()  # the SLURM example's run
+    assert (project / "runs" / "readme-1" / "last.pt").exists()  # the SLURM example's run
 
 
 def test_the_accelerate_readmes_own_commands_run(project, tmp_path_factory, user_config):

@@ -3,9 +3,10 @@ sends to the others.
 
 usage: torchrun --nproc_per_node=N tests/ddp_probe.py OUT_DIR [key=value ...]
 The loop settings are stand_in.LOOP, then the key=value arguments. Writes OUT_DIR/probe-rank{R}.pid
-at start and OUT_DIR/probe-rank{R}.json at the end: the exit code, DDP's gradient all-reduces, FSDP's
-gradient reduce-scatters, the optimizer steps taken, and every other collective ("name:elements") by
-the optimizer step it came after. Then exits with train's exit code.
+at start, OUT_DIR/probe-rank{R}.training at the first micro-batch and OUT_DIR/probe-rank{R}.json at
+the end: the exit code, DDP's gradient all-reduces, FSDP's gradient reduce-scatters, the optimizer
+steps taken, the DDP models still alive once train returned, and every other collective
+("name:elements") by the optimizer step it came after. Then exits with train's exit code.
 Faults to inject, from the environment: PROBE_NAN_AT=RANK:STEP makes that rank's loss NaN in the
 first micro-batch of that optimizer step; PROBE_CONFIG_ERROR_ON=RANK raises a ConfigError on that
 rank alone while the datasets are built; PROBE_NO_CHECKPOINT_ON=RANK makes that rank see no
@@ -17,6 +18,7 @@ its first evaluation; PROBE_SIGTERM_AT=RANK:STEP sends that rank a SIGTERM in th
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import os
 import sys
@@ -101,6 +103,8 @@ def main() -> int:
 
     def loss(output, target):
         micro_batches["n"] += 1
+        if micro_batches["n"] == 1:
+            (out_dir / f"probe-rank{rank}.training").touch()  # the loop is under way
         value, count = real_loss(output, target)
         if rank == int(nan_rank) and micro_batches["n"] == (int(nan_step) - 1) * accum_steps + 1:
             value = value * float("nan")
@@ -139,6 +143,7 @@ def main() -> int:
 
     code = train_module.main([*stand_in.LOOP, f"out_dir={out_dir}", *sys.argv[2:]])
     moments = [state for optimizer in optimizers for state in optimizer.state.values()]
+    models_left = sum(isinstance(o, CountingDDP) for o in gc.get_objects())  # none: freed before the group
     (out_dir / f"probe-rank{rank}.json").write_text(
         json.dumps({
             "exit_code": code,
@@ -147,6 +152,7 @@ def main() -> int:
             "reduce_scatter_calls": reduce_scatters["n"],
 {%- endif %}
             "steps_taken": int(moments[0]["step"]) if moments else 0,
+            "models_left": models_left,
             "collectives_after_step": collectives,
         })
     )  # fmt: skip

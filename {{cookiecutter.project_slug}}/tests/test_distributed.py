@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,12 +90,15 @@ def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monke
     # Gradients were all-reduced once per optimizer step, not once per micro-batch; every rank skipped step 5.
     assert [p["allreduce_calls"] for p in probes(out_dir)] == [12, 12]
     assert [p["steps_taken"] for p in probes(out_dir)] == [11, 11]
+    # No rank leaves its model (which holds the process group) to be freed while the interpreter shuts down.
+    assert [p["models_left"] for p in probes(out_dir)] == [0, 0]
     # Between log, eval and checkpoint steps (every 3rd here) the ranks exchange nothing but gradients
-    # and, once per step, the step's summed loss and its number of terms (2 numbers).
+    # and, once per step, the step's summed loss and its number of terms (2 numbers), then their stop
+    # requests (1 number, not waited for until the next step).
     for probe in probes(out_dir):
         after = {int(step): calls for step, calls in probe["collectives_after_step"].items()}
-        assert all(after[step] == ["all_reduce:2"] for step in range(1, 13) if step % 3), after
-        assert all(after[step][0] == "all_reduce:2" for step in (3, 6, 9, 12)), after
+        assert all(after[step] == ["all_reduce:2", "all_reduce:1"] for step in range(1, 13) if step % 3), after
+        assert all(after[step][:2] == ["all_reduce:2", "all_reduce:1"] for step in (3, 6, 9, 12)), after
     assert not list(out_dir.glob("*.tmp"))
 
 
@@ -124,6 +128,25 @@ def test_sigterm_to_one_rank_stops_every_rank_and_resumes_in_one_process(make_co
     assert not (out_dir / "stopped_by_signal").exists()
     data = checkpoint(out_dir)["data"]
     assert data["samples_in_epoch"] % 64 == 0
+
+
+def test_sigterm_to_torchrun_is_saved_inside_its_shutdown_window_whatever_log_every_is(tmp_path):
+    # torchrun passes SIGTERM on to its processes and kills them --shutdown-timeout (30) seconds later: the
+    # ranks must agree on the stop and save by then, though no log, evaluation or checkpoint step comes.
+    out_dir, never = tmp_path / "ddp", "1000000"
+    process = torchrun(out_dir, f"max_steps={never}", f"log_every={never}", f"eval_every={never}",
+                       f"ckpt_every={never}", "batch_size=16")  # fmt: skip
+    while not all((out_dir / f"probe-rank{rank}.training").exists() for rank in (0, 1)):
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.05)
+    signalled = time.perf_counter()
+    process.send_signal(signal.SIGTERM)  # to the agent, as SLURM or Kubernetes sends it
+    output, _ = process.communicate(timeout=300)
+    print(f"SIGTERM to torchrun: its processes saved and exited {time.perf_counter() - signalled:.1f} s later")
+    # Had torchrun killed them, they would have left no probe file, no last.pt and no marker.
+    assert [p["exit_code"] for p in probes(out_dir)] == [143, 143], output
+    stopped_at = checkpoint(out_dir)["step"]
+    assert (out_dir / "stopped_by_signal").read_text() == f"signal 15 at step {stopped_at}\n"
 
 
 def test_a_config_that_cannot_be_sharded_is_one_line_on_every_rank(tmp_path):
@@ -217,8 +240,8 @@ def test_an_fsdp_run_stopped_by_sigterm_resumes_exactly_on_2_processes_and_on_1(
     output, _ = stopped.communicate(timeout=300)
     assert [p["exit_code"] for p in probes(tmp_path / "stopped")] == [143, 143], output
     step, _ = sharded_weights(tmp_path / "stopped" / "last")
-    assert step == 12  # the ranks agreed at the next log step
-    assert sorted(p.name for p in (tmp_path / "stopped" / "last" / "step-00000012").glob("*.distcp")) == [
+    assert step == 11  # the ranks agreed on it during the next step
+    assert sorted(p.name for p in (tmp_path / "stopped" / "last" / "step-00000011").glob("*.distcp")) == [
         "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shards  # fmt: skip
     shutil.copytree(tmp_path / "stopped", tmp_path / "alone")
 

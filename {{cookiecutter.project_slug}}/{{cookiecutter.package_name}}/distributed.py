@@ -23,9 +23,11 @@ from __future__ import annotations
 
 {% if cookiecutter.loop == "plain" -%}
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator
 {%- else -%}
+import gc
 import logging
 import os
 from collections.abc import Callable
@@ -119,6 +121,32 @@ class Dist:
         objects: list[Any] = [None] * self.world_size
         dist.all_gather_object(objects, obj, group=self.control)
         return objects
+
+
+class AgreedNextStep:
+    """The largest of a value over the ranks, agreed one step late so that no rank waits for it: each
+    ``exchange(value)`` starts an all-reduce of this step's value on the host-side group and returns the
+    one started a step earlier (0 at first), which has had a whole step to arrive. Identity when alone."""
+
+    def __init__(self, ctx: Dist) -> None:
+        self.ctx = ctx
+        self.in_flight: tuple[torch.Tensor, Any] | None = None
+
+    def exchange(self, value: int) -> int:
+        if not self.ctx.enabled:
+            return value
+        agreed = self.settle()
+        flag = torch.tensor([value], dtype=torch.int64)
+        self.in_flight = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.control, async_op=True))
+        return agreed
+
+    def settle(self) -> int:
+        """The value in flight, once it has arrived (0 when none): every rank calls it where the loop ends."""
+        if self.in_flight is None:
+            return 0
+        (flag, work), self.in_flight = self.in_flight, None
+        work.wait()
+        return int(flag.item())
 
 
 {%- if cookiecutter.loop == "plain" %}
@@ -240,6 +268,9 @@ def cleanup(ctx: Dist, wait_for_others: bool = True) -> None:
     if ctx.enabled and dist.is_initialized():
         if wait_for_others:  # leave together: gloo can abort at exit when a peer is already gone
             dist.barrier(group=ctx.control)
+        # torch's state-dict helpers leave the model in a reference cycle; collected here, its DDP reducer
+        # lets go of the group now, not while the interpreter shuts down (where gloo can abort the process).
+        gc.collect()
         dist.destroy_process_group()
 {%- if cookiecutter.loop == "accelerate" %}
     # Accelerate keeps its state in the process: let a next train() here choose another precision.

@@ -1,11 +1,12 @@
 """Preemption: turn SIGTERM, SIGINT and the end of ``max_time_minutes`` into a polite request to stop.
 
 The loop checks ``stop.reason()`` after each optimizer step (under torchrun,
-the ranks agree on it at log, evaluation and checkpoint steps, so that every
-rank stops at the same step), writes ``last.pt`` and exits with status
-128 + signal number (143 for SIGTERM, 130 for SIGINT), the code shells and
-schedulers read as "killed by that signal", or 124 when its time ran out
-(what ``timeout`` exits with). A second Ctrl-C exits at once, without saving.
+the ranks' requests travel during the next step and every rank stops after
+it: within two steps of the signal, whatever ``log_every`` is), writes
+``last.pt`` and exits with status 128 + signal number (143 for SIGTERM, 130
+for SIGINT), the code shells and schedulers read as "killed by that signal",
+or 124 when its time ran out (what ``timeout`` exits with). A second Ctrl-C
+exits at once, without saving.
 """
 
 from __future__ import annotations

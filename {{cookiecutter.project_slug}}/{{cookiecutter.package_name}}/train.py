@@ -294,6 +294,7 @@ def run(cfg: Config, ctx: distributed.Dist) -> dict[str, Any]:
         save_training(best, state, ctx)  # the evaluation a stop request cut short, done as the uninterrupted run did
     stop = StopRequest(deadline=started + 60 * cfg.max_time_minutes if cfg.max_time_minutes else None)
     stop_evaluation = evaluation_stopper(stop, ctx, len(val_loader.dataset), cfg.batch_size)
+    stop_agreement = distributed.AgreedNextStep(ctx)
     start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
     state.model.train()
     progress = Progress(cfg, state.step, cfg.batch_size * cfg.accum_steps * ctx.world_size, ctx.is_main)
@@ -311,10 +312,9 @@ def run(cfg: Config, ctx: distributed.Dist) -> dict[str, Any]:
             do_log = final or state.step % cfg.log_every == 0
             do_eval = final or state.step % cfg.eval_every == 0
             do_ckpt = final or state.step % cfg.ckpt_every == 0
-            # A stop request (SIGTERM, Ctrl-C, max_time_minutes) is acted on after the step it arrives in;
-            # under torchrun the ranks agree on it at these steps only: the hot loop has no collective of its own.
-            if not ctx.enabled or do_log or do_eval or do_ckpt:
-                stop_reason = ctx.agree_max(stop.reason())
+            # A stop request (SIGTERM, Ctrl-C, max_time_minutes) is acted on after the step it arrives in; under
+            # torchrun after the next one, every rank at the same step: the requests travel while it runs.
+            stop_reason = stop_agreement.exchange(stop.reason())
             if not (do_log or do_eval or do_ckpt or stop_reason):
                 continue
             state.step_log.read(state.step, state.scaler.is_enabled(), cfg.max_bad_steps)
@@ -338,6 +338,7 @@ def run(cfg: Config, ctx: distributed.Dist) -> dict[str, Any]:
             if stop_reason or out_of_patience:
                 run_folder.announce_stop(state, ctx, stop_reason)
                 break
+        stop_agreement.settle()
         train_seconds = time.perf_counter() - loop_started - outside_seconds
         progress.close(state.step)
     metrics_log.close()
