@@ -13,6 +13,7 @@ rank alone while the datasets are built; PROBE_NO_CHECKPOINT_ON=RANK makes that 
 checkpoint to resume from (a node with a disk of its own); PROBE_UNREADABLE_ON=RANK makes that
 rank unable to read the checkpoint; PROBE_SIGTERM_IN_EVAL=RANK sends that rank a SIGTERM during
 its first evaluation; PROBE_SIGTERM_AT=RANK:STEP sends that rank a SIGTERM in that optimizer step.
+PROBE_GRADIENT_BYTES=1 measures the tensor bytes that step 2's earlier micro-batches leave held.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 {%- if cookiecutter.loop == "plain" %}
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_param_group
 {%- endif %}
+from torch.distributed.tensor import DTensor
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
@@ -60,6 +62,21 @@ class CountingDDP(torch.nn.parallel.DistributedDataParallel):
                 CountingDDP.in_hook = False
 
         self.register_comm_hook(None, counting_hook)
+
+
+def live_tensor_bytes() -> int:
+    """The bytes of every tensor this process holds, and of the parameters' gradients (which live in C++,
+    out of the garbage collector's sight): each storage once, a DTensor's through its local shard."""
+    storages = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor):
+            continue
+        for tensor in (obj, obj.grad if isinstance(obj, torch.nn.Parameter) else None):
+            tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            if tensor is not None and tensor.device.type != "meta":
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def main() -> int:
@@ -101,10 +118,14 @@ def main() -> int:
     nan_rank, _, nan_step = os.environ.get("PROBE_NAN_AT", "-1:-1").partition(":")
     real_loss = train_module.compute_loss
 
+    live_bytes: list[int] = []  # PROBE_GRADIENT_BYTES: at step 2's first and last micro-batch
+
     def loss(output, target):
         micro_batches["n"] += 1
         if micro_batches["n"] == 1:
             (out_dir / f"probe-rank{rank}.training").touch()  # the loop is under way
+        if os.environ.get("PROBE_GRADIENT_BYTES") and micro_batches["n"] in (accum_steps + 1, 2 * accum_steps):
+            live_bytes.append(live_tensor_bytes())
         value, count = real_loss(output, target)
         if rank == int(nan_rank) and micro_batches["n"] == (int(nan_step) - 1) * accum_steps + 1:
             value = value * float("nan")
@@ -151,8 +172,10 @@ def main() -> int:
 {%- if cookiecutter.loop == "plain" %}
             "reduce_scatter_calls": reduce_scatters["n"],
 {%- endif %}
-            "steps_taken": int(moments[0]["step"]) if moments else 0,
+            "steps_taken": int(moments[0].get("step", 0)) if moments else 0,  # SGD does not count them
             "models_left": models_left,
+            # What the step's earlier micro-batches left: their gradients (zero_grad freed the last step's).
+            "gradient_bytes_held": live_bytes[1] - live_bytes[0] if live_bytes else None,
             "collectives_after_step": collectives,
         })
     )  # fmt: skip

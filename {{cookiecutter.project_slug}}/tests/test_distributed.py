@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+{% if cookiecutter.loop == "plain" -%}
+from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, restore_training
+{% endif -%}
 from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.train import train
@@ -99,6 +102,9 @@ def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monke
         after = {int(step): calls for step, calls in probe["collectives_after_step"].items()}
         assert all(after[step] == ["all_reduce:2", "all_reduce:1"] for step in range(1, 13) if step % 3), after
         assert all(after[step][:2] == ["all_reduce:2", "all_reduce:1"] for step in (3, 6, 9, 12)), after
+        # Each checkpoint gathers the ranks' random streams to rank 0, which writes them, not to every rank.
+        sent = [call.partition(":")[0] for calls in after.values() for call in calls]
+        assert "gather_object" in sent and "all_gather_object" not in sent
     assert not list(out_dir.glob("*.tmp"))
 
 
@@ -197,7 +203,7 @@ def test_sigterm_during_evaluation_stops_every_rank_at_once(tmp_path):
 
 def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_path, monkeypatch):
     # parallel=fsdp shards parameters, gradients and optimizer moments over the 2 ranks; with accumulation
-    # (gradients reduced on the last micro-batch only) it must train as DDP does, norm for norm.
+    # (gradients reduce-scattered in every micro-batch) it must train as DDP does, norm for norm.
     common = ["precision=fp32", "max_steps=8", "warmup_steps=2", "accum_steps=2", "batch_size=16", "log_every=1",
               "eval_every=4", "ckpt_every=4", "dist_timeout_minutes=0.5"]  # fmt: skip
     # 481 validation sequences: shards of 241 and 240, so 16 batches of 16 on rank 0 and 15 on rank 1, which
@@ -220,12 +226,49 @@ def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_pa
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "fsdp" / "last.pt").exists()  # fsdp's latest state is the sharded folder last/
     monkeypatch.setattr(stand_in, "VAL_SIZE", 481)
-    # Gradients reduce-scattered once per step for each of the 3 sharded units, not once per micro-batch.
-    assert [p["reduce_scatter_calls"] for p in probes(tmp_path / "fsdp")] == [8 * 3, 8 * 3]
+    # Gradients reduce-scattered in each micro-batch (2 a step), for each of the 3 sharded units.
+    assert [p["reduce_scatter_calls"] for p in probes(tmp_path / "fsdp")] == [8 * 2 * 3, 8 * 2 * 3]
+    # fsdp's best.pt holds the weights without the optimizer's state (never gathered whole), ddp's holds both.
+    assert "optimizer" not in best and "optimizer" in checkpoint(tmp_path / "ddp", "best.pt")
+    with pytest.raises(CheckpointError, match="holds weights only .* init_from="):
+        restore_training(tmp_path / "fsdp" / "best.pt", best, None, None)
     alone = evaluate_checkpoint(tmp_path / "fsdp" / "best.pt")  # 1 process: batch sums in another order
     assert alone[best["config"]["monitor"]] == pytest.approx(best["best_metric"], rel=1e-6)
     shards_alone = evaluate_checkpoint(tmp_path / "fsdp" / "last")  # both ranks' shards, read by one process
     assert shards_alone["val_loss"] == pytest.approx(fsdp[-1]["val_loss"], rel=1e-6)
+
+
+def test_sgd_trains_under_fsdp_as_under_ddp(tmp_path):
+    # FSDP's sharded parameters have no fused SGD kernel: SGD takes its foreach path there.
+    common = ["optimizer=sgd", "precision=fp32", "max_steps=4", "warmup_steps=0", "batch_size=16", "log_every=1",
+              "eval_every=100", "ckpt_every=100"]  # fmt: skip
+    for strategy in ("ddp", "fsdp"):
+        process = torchrun(tmp_path / strategy, *common, f"parallel={strategy}", env={"STAND_IN_DROPOUT": "0"})
+        output, _ = process.communicate(timeout=300)
+        assert [p["exit_code"] for p in probes(tmp_path / strategy)] == [0, 0], output
+    ddp, fsdp = (read_metrics(tmp_path / strategy / "metrics.jsonl") for strategy in ("ddp", "fsdp"))
+    assert [r["loss"] for r in fsdp if "loss" in r] == pytest.approx([r["loss"] for r in ddp if "loss" in r], rel=1e-5)
+
+
+def test_fsdp_accumulation_holds_1_nth_of_the_gradients_unless_told_to_keep_them_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(stand_in, "WIDTH", 256)  # 74,000 parameters: gradients that outweigh a batch's tensors
+    model_bytes = 4 * sum(p.numel() for p in stand_in.build_model(None).parameters())
+    run = ["parallel=fsdp", "precision=fp32", "max_steps=2", "warmup_steps=0", "accum_steps=4", "batch_size=8",
+           "log_every=1", "eval_every=100", "ckpt_every=100"]  # fmt: skip
+    held = {}
+    for accumulate in ("sharded", "whole"):
+        out_dir = tmp_path / accumulate
+        process = torchrun(out_dir, *run, f"fsdp_accumulate={accumulate}",
+                           env={"STAND_IN_WIDTH": "256", "PROBE_GRADIENT_BYTES": "1"})  # fmt: skip
+        output, _ = process.communicate(timeout=300)
+        assert [p["exit_code"] for p in probes(out_dir)] == [0, 0], output
+        held[accumulate] = [p["gradient_bytes_held"] for p in probes(out_dir)]
+        # Sharded: each of the 3 units reduce-scatters in every micro-batch; whole: in the last one only.
+        calls = 2 * 3 * (4 if accumulate == "sharded" else 1)
+        assert [p["reduce_scatter_calls"] for p in probes(out_dir)] == [calls, calls]
+    print(f"gradient bytes held by each rank before a step's last micro-batch: {held} (model: {model_bytes})")
+    assert all(held_by_rank <= 0.51 * model_bytes for held_by_rank in held["sharded"]), (held, model_bytes)
+    assert all(held_by_rank >= model_bytes for held_by_rank in held["whole"]), (held, model_bytes)
 
 
 def test_an_fsdp_run_stopped_by_sigterm_resumes_exactly_on_2_processes_and_on_1(make_config, no_dropout, tmp_path):

@@ -153,12 +153,13 @@ def load_weights(model: nn.Module, saved: dict[str, Any], path: str | Path) -> N
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))  # as TrainState loads
 
 
-def save_training(path: Path, state: TrainState, ctx: Dist) -> None:
+def save_training(path: Path, state: TrainState, ctx: Dist, with_optimizer: bool = True) -> None:
     """Write ``state`` and every rank's RNG streams to ``path``: one file (``*.pt``), written by rank 0, or a
     folder of shards, written by every rank (parallel=fsdp's ``last``; see the top of this file). Every rank
     calls it; if one cannot save, all raise CheckpointError and the previous checkpoint is left as it was."""
     sharded = path.suffix != ".pt"
-    saved = {"format": FORMAT, **state.state_dict(whole=not sharded), "rng": ctx.gather(rng_state())}
+    state_now = state.state_dict(whole=not sharded, with_optimizer=with_optimizer)
+    saved = {"format": FORMAT, **state_now, "rng": ctx.gather_on_main(rng_state())}  # rank 0 writes them
     error = None
     if ctx.is_main or sharded:
         try:
@@ -171,9 +172,20 @@ def save_training(path: Path, state: TrainState, ctx: Dist) -> None:
         remove(path.with_name("last.pt" if sharded else "last"))
 
 
+def save_best(path: Path, state: TrainState, ctx: Dist) -> None:
+    """best.pt, for evaluation and init_from. Under FSDP without the optimizer's state: rank 0 would gather it
+    whole (8 bytes a parameter with AdamW) only to leave it unread. Every rank calls it."""
+    save_training(path, state, ctx, with_optimizer=not (ctx.enabled and state.cfg.parallel == "fsdp"))
+
+
 def restore_training(path: Path, saved: dict[str, Any], state: TrainState, ctx: Dist) -> None:
     """Put the checkpoint read from ``path`` (``read_on_every_rank``: a file or a sharded folder) back into
     ``state``, and this rank's RNG streams. Every rank calls it."""
+    if "optimizer" not in saved:
+        raise CheckpointError(
+            f"checkpoint {path} holds weights only (an fsdp run's best.pt): resume from the run's last, "
+            f"or start from these weights with init_from={path}"
+        )
     try:
         if "sharded" in saved:  # this process's shards of the model and optimizer, read from the saved ones
             shards = state.state_dict(whole=False)

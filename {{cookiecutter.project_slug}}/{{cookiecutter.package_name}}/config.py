@@ -23,6 +23,7 @@ from .task import TaskConfig, check_task_config
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LR_SCHEDULES = ("warmup_cosine", "onecycle", "step")
 PARALLEL = ("ddp", "fsdp")
+FSDP_ACCUMULATE = ("sharded", "whole")
 OPTIMIZERS = ("adamw", "sgd")
 TRACKERS = ("none", "wandb", "mlflow")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -89,6 +90,10 @@ class Config:
 
     # --- several processes (torchrun) ---
     parallel: str = "ddp"  # ddp: each process holds the whole model; fsdp: each holds 1/N of it (FSDP2)
+    # fsdp with accum_steps > 1: "sharded" reduce-scatters every micro-batch's gradients, so each process holds
+    # 1/N of them; "whole" keeps them whole until the step's last micro-batch: one reduce-scatter per step, but
+    # the whole model's gradients on every process.
+    fsdp_accumulate: str = "sharded"
     dist_timeout_minutes: float = 10.0  # a collective waiting longer (a rank died or hangs) fails the run
 
 
@@ -247,6 +252,10 @@ def validate(cfg: Config) -> None:
         f"device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'",
     )
     require(cfg.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got '{cfg.parallel}'")
+    require(
+        cfg.fsdp_accumulate in FSDP_ACCUMULATE,
+        f"fsdp_accumulate must be one of {', '.join(FSDP_ACCUMULATE)}, got '{cfg.fsdp_accumulate}'",
+    )
     require(bool(cfg.out_dir), "out_dir must not be empty")
     require(cfg.tracker in TRACKERS, f"tracker must be one of {', '.join(TRACKERS)}, got '{cfg.tracker}'")
     require(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.optimizer}'")

@@ -114,12 +114,12 @@ class Dist:
             raise ConfigError(error)
         return value
 
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order, on every rank."""
+    def gather_on_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj``, in rank order, on rank 0; None on the others."""
         if not self.enabled:
             return [obj]
-        objects: list[Any] = [None] * self.world_size
-        dist.all_gather_object(objects, obj, group=self.control)
+        objects: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, objects, dst=0, group=self.control)
         return objects
 
 
@@ -155,38 +155,42 @@ class AgreedNextStep:
 def parallelize(
     model: nn.Module, strategy: str, ctx: Dist, precision: Precision, units: Callable[[nn.Module], list[nn.Module]]
 ) -> nn.Module:
-    """Under torchrun: DDP (each rank holds the whole model, gradients are all-reduced) or FSDP2 (each rank
-    holds 1/world_size of every parameter, gradient and optimizer moment; the submodules ``units(model)``
-    returns are gathered one at a time). Build the optimizer after this: FSDP replaces the parameters with
-    their shards."""
+    """``model`` (in CPU memory) on this process's device. Under torchrun: DDP (each rank holds the whole
+    model, gradients are all-reduced) or FSDP2 (each rank holds 1/world_size of every parameter, gradient and
+    optimizer moment; the submodules ``units(model)`` returns are gathered one at a time). Build the
+    optimizer after this: FSDP replaces the parameters with their shards."""
     if not ctx.enabled:
-        return model
+        return model.to(ctx.device)
     if strategy == "ddp":
         device_ids = [ctx.device] if ctx.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(model.to(ctx.device), device_ids=device_ids)
     # bf16/fp16: parameters gathered and computed in that dtype, gradients reduced in fp32.
     low = precision.dtype if precision.name != "fp32" else None
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+    # fully_shard moves a unit to the current device (set_device in setup) and shards it there at once: the
+    # device holds the shards so far plus one whole unit, never the whole model.
     for unit in units(model):
         fully_shard(unit, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # and the parameters outside the units
     return model
 
 
 @contextlib.contextmanager
-def no_gradient_sync(model: nn.Module) -> Iterator[None]:
-    """For the micro-batches before a step's last: gradients accumulate locally, synced once per step."""
+def no_gradient_sync(model: nn.Module, fsdp_accumulate: str) -> Iterator[None]:
+    """For the micro-batches before a step's last: gradients accumulate locally, synced once per step.
+    FSDP syncs in every micro-batch unless ``fsdp_accumulate`` is "whole": reduce-scattered, each rank
+    holds 1/N of the gradients; accumulated locally, the whole model's."""
     model = getattr(model, "_orig_mod", model)  # inside torch.compile's wrapper
     if isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
-    elif isinstance(model, FSDPModule):
+    elif isinstance(model, FSDPModule) and fsdp_accumulate == "whole":
         model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
-    else:  # one process: nothing to sync
+    else:  # one process, or FSDP's sharded accumulation: nothing to hold back
         yield
 
 

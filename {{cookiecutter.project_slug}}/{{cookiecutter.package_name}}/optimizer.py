@@ -27,5 +27,8 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     # step needs a host sync. torch has them for CUDA, MPS and the CPU.
     fused = device.type in ("cuda", "mps", "cpu") or None
     if cfg.optimizer == "sgd":
+        # FSDP's sharded parameters (DTensor) have no fused SGD: there SGD takes its foreach path, whose
+        # skip of a non-finite step costs one host read per step.
+        fused = None if cfg.parallel == "fsdp" else fused
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)

@@ -21,7 +21,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from .config import Config, to_dict
 from .loader import BatchStream
@@ -133,14 +138,19 @@ class TrainState:
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # what is clipped (FSDP: the shards)
 
-    def state_dict(self, whole: bool = True) -> dict[str, Any]:
+    def state_dict(self, whole: bool = True, with_optimizer: bool = True) -> dict[str, Any]:
         """Everything needed to continue exactly. ``whole``: the model and optimizer gathered whole (every rank
-        must call it; under FSDP rank 0 alone gets them); otherwise this process's own part (FSDP: its shards)."""
-        model, optimizer = get_state_dict(self.model, self.optimizer, options=WHOLE if whole else None)
+        must call it; under FSDP rank 0 alone gets them); otherwise this process's own part (FSDP: its shards).
+        Without the optimizer's state, the weights and the rest, for evaluation and init_from only."""
+        options = WHOLE if whole else None
+        if with_optimizer:
+            model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
+            parts = {"model": model, "optimizer": optimizer}  # by parameter name
+        else:
+            parts = {"model": get_model_state_dict(self.model, options=options)}
         return {
             "config": to_dict(self.cfg),
-            "model": model,
-            "optimizer": optimizer,  # by parameter name
+            **parts,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),  # {} unless fp16
             "data": self.batches.state_dict(),

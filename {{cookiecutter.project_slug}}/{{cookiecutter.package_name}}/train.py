@@ -44,7 +44,14 @@ from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed, run_folder
-from .checkpoint import CheckpointError, load_weights, read_on_every_rank, restore_training, save_training
+from .checkpoint import (
+    CheckpointError,
+    load_weights,
+    read_on_every_rank,
+    restore_training,
+    save_best,
+    save_training,
+)
 from .config import Config, ConfigError, load_config
 from .data import build_datasets
 from .evaluate import evaluate
@@ -118,7 +125,8 @@ def train_step(state: TrainState, ctx: distributed.Dist, precision: Precision) -
         inputs, targets = (tensor.to(ctx.device, non_blocking=True) for tensor in next(state.batches))
         # Accumulation: gradients add up over the micro-batches, and processes sync them in the last one only.
 {%- if cookiecutter.loop == "plain" %}
-        with contextlib.nullcontext() if micro == cfg.accum_steps - 1 else distributed.no_gradient_sync(model):
+        hold_back = micro < cfg.accum_steps - 1  # (FSDP, unless fsdp_accumulate=whole, syncs every one)
+        with distributed.no_gradient_sync(model, cfg.fsdp_accumulate) if hold_back else contextlib.nullcontext():
             with precision.autocast():  # 3. Mixed precision: the forward and the loss in bf16 or fp16
                 loss_sum, count = compute_loss(model(inputs), targets)  # task.py: the loss SUMMED, and its count
             state.scaler.scale(loss_sum).backward()  # fp16: scaled up, so that small gradients do not underflow
@@ -240,10 +248,10 @@ def set_up(cfg: Config, ctx: distributed.Dist, precision: Precision) -> tuple[Tr
     resume_from, init_from = run_folder.choose_start(cfg, ctx)
     saved = read_on_every_rank(resume_from or init_from, ctx)  # before anything is built: it may not be readable
     train_set, val_set = build_datasets(cfg)
-    model = build_model(cfg).to(ctx.device)
 {%- if cookiecutter.loop == "plain" %}
-    # Under torchrun: DDP, or FSDP (parallel=fsdp) sharding fsdp_units (model.py); then the optimizer.
-    model = distributed.parallelize(model, cfg.parallel, ctx, precision, fsdp_units)
+    # Built in CPU memory; then on the device, under torchrun in DDP, or sharded (parallel=fsdp, by fsdp_units
+    # in model.py: each unit goes to the device as its shard, so no GPU holds the whole model); then the optimizer.
+    model = distributed.parallelize(build_model(cfg), cfg.parallel, ctx, precision, fsdp_units)
     optimizer = build_optimizer(model, cfg, ctx.device)
     # A GradScaler for fp16 (agreeing on overflows across FSDP's shards); for bf16 and fp32 one that does nothing.
     scaler = precision.make_scaler(sharded=ctx.enabled and cfg.parallel == "fsdp")
@@ -251,6 +259,7 @@ def set_up(cfg: Config, ctx: distributed.Dist, precision: Precision) -> tuple[Tr
     # Accelerate: DDP under several processes, autocast around the forward, fp16's GradScaler in the step. Not
     # the schedule: a torch LR scheduler prepared by Accelerate steps num_processes times per optimizer step (it
     # counts batches per process); this one counts optimizer steps, on any number of processes.
+    model = build_model(cfg).to(ctx.device)
     model, optimizer = ctx.accelerator.prepare(model, build_optimizer(model, cfg, ctx.device))
     # Accelerate's GradScaler for fp16 on a GPU; otherwise one that does nothing (checkpoints hold its state).
     scaler = ctx.accelerator.scaler or torch.amp.GradScaler(ctx.device.type, enabled=False)
@@ -291,7 +300,7 @@ def run(cfg: Config, ctx: distributed.Dist) -> dict[str, Any]:
                  f"resumed from {resumed_from} at step {state.step}" if resumed_from else "")  # fmt: skip
     best, latest = Path(cfg.out_dir) / "best.pt", run_folder.latest_checkpoint(cfg)
     if state.eval_due and validate(state, val_loader, ctx, precision, metrics_log):
-        save_training(best, state, ctx)  # the evaluation a stop request cut short, done as the uninterrupted run did
+        save_best(best, state, ctx)  # the evaluation a stop request cut short, done as the uninterrupted run did
     stop = StopRequest(deadline=started + 60 * cfg.max_time_minutes if cfg.max_time_minutes else None)
     stop_evaluation = evaluation_stopper(stop, ctx, len(val_loader.dataset), cfg.batch_size)
     stop_agreement = distributed.AgreedNextStep(ctx)
@@ -327,7 +336,7 @@ def run(cfg: Config, ctx: distributed.Dist) -> dict[str, Any]:
             if do_eval:
                 improved = validate(state, val_loader, ctx, precision, metrics_log, stop_evaluation)
                 if improved:
-                    save_training(best, state, ctx)
+                    save_best(best, state, ctx)
                 elif improved is None:  # abandoned: the ranks agreed on a stop request
                     stop_reason = ctx.agree_max(stop.reason())
             # Early stopping: patience evaluations in a row without a new best (the same verdict on every rank).
