@@ -12,7 +12,9 @@ first micro-batch of that optimizer step; PROBE_CONFIG_ERROR_ON=RANK raises a Co
 rank alone while the datasets are built; PROBE_NO_CHECKPOINT_ON=RANK makes that rank see no
 checkpoint to resume from (a node with a disk of its own); PROBE_UNREADABLE_ON=RANK makes that
 rank unable to read the checkpoint; PROBE_SIGTERM_IN_EVAL=RANK sends that rank a SIGTERM during
-its first evaluation; PROBE_SIGTERM_AT=RANK:STEP sends that rank a SIGTERM in that optimizer step.
+its first evaluation; PROBE_SIGTERM_AT=RANK:STEP sends that rank a SIGTERM in that optimizer step;
+PROBE_KILL_AT=RANK:STEP kills that rank (SIGKILL) in that optimizer step, in torchrun's first launch only;
+PROBE_NODE_DISKS=FOLDER runs rank R in FOLDER/nodeR, where a relative OUT_DIR is a folder of its own.
 PROBE_GRADIENT_BYTES=1 measures the tensor bytes that step 2's earlier micro-batches leave held.
 """
 
@@ -22,6 +24,7 @@ import collections
 import gc
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -80,8 +83,10 @@ def live_tensor_bytes() -> int:
 
 
 def main() -> int:
-    out_dir = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
+    if os.environ.get("PROBE_NODE_DISKS"):  # each rank in a folder of its own, as on a node with its own disk
+        os.chdir(Path(os.environ["PROBE_NODE_DISKS"], f"node{rank}"))
+    out_dir = Path(sys.argv[1])
     overrides = dict(arg.split("=", 1) for arg in sys.argv[2:])
     accum_steps = int(overrides.get("accum_steps", 1))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +136,11 @@ def main() -> int:
             value = value * float("nan")
         return value, count
 
-    train_module.compute_loss = loss
+    kill_rank, _, kill_step = os.environ.get("PROBE_KILL_AT", "-1:-1").partition(":")
+    if int(kill_rank) == rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":  # the first launch
+        train_module.compute_loss = SignalOnCall(loss, (int(kill_step) - 1) * accum_steps + 1, signal.SIGKILL)
+    else:
+        train_module.compute_loss = loss
     term_rank, _, term_step = os.environ.get("PROBE_SIGTERM_AT", "-1:-1").partition(":")
     if int(term_rank) == rank:
         train_module.compute_loss = SignalOnCall(loss, (int(term_step) - 1) * accum_steps + 1)

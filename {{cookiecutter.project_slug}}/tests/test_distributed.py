@@ -13,6 +13,7 @@ import os
 import shutil
 {% endif -%}
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,9 +41,10 @@ from .conftest import ROOT, checkpoint, nan_loss_on
 pytestmark = pytest.mark.distributed
 
 
-def torchrun(out_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+def torchrun(out_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
+             launch: tuple[str, ...] = ("--standalone",)) -> subprocess.Popen:  # fmt: skip
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}",
          str(ROOT / "tests" / "ddp_probe.py"), str(out_dir), "device=cpu", *overrides],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -153,6 +155,60 @@ def test_sigterm_to_torchrun_is_saved_inside_its_shutdown_window_whatever_log_ev
     assert [p["exit_code"] for p in probes(out_dir)] == [143, 143], output
     stopped_at = checkpoint(out_dir)["step"]
     assert (out_dir / "stopped_by_signal").read_text() == f"signal 15 at step {stopped_at}\n"
+
+
+def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_finishes_bit_exact(tmp_path):
+    # torchrun --max-restarts: when a process dies (kill -9, a lost node), every process is started again,
+    # and resume=auto continues from the last checkpoint (step 5 here) to the uninterrupted run's weights.
+    run = ["max_steps=12", "warmup_steps=2", "ckpt_every=5", "eval_every=6", "log_every=3", "resume=auto",
+           "dist_timeout_minutes=0.5"]  # fmt: skip
+    reference = torchrun(tmp_path / "reference", *run)
+    output, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, output
+    restarted = torchrun(tmp_path / "restarted", *run, env={"PROBE_KILL_AT": "1:8"},
+                         launch=("--standalone", "--max-restarts=1"))  # fmt: skip
+    output, _ = restarted.communicate(timeout=300)
+    assert restarted.returncode == 0, output
+    assert "exitcode: -9" in output and "resumed from" in output and "at step 5" in output
+    assert [p["exit_code"] for p in probes(tmp_path / "restarted")] == [0, 0]
+    expected = checkpoint(tmp_path / "reference")["model"]
+    for key, value in checkpoint(tmp_path / "restarted")["model"].items():
+        assert torch.equal(value, expected[key]), key  # bit for bit
+    records = read_metrics(tmp_path / "restarted" / "metrics.jsonl")
+    assert records == read_metrics(tmp_path / "reference" / "metrics.jsonl")
+
+
+def test_two_torchrun_agents_one_process_each_train_as_one_agent_with_two(tmp_path):
+    # Two nodes as the README launches them (--nnodes=2, a c10d rendezvous), here both on this machine.
+    run = ["max_steps=6", "warmup_steps=2", "ckpt_every=6", "eval_every=3", "log_every=3"]
+    one = torchrun(tmp_path / "one", *run)
+    output, _ = one.communicate(timeout=300)
+    assert one.returncode == 0, output
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        endpoint = f"localhost:{free.getsockname()[1]}"
+    nodes = [torchrun(tmp_path / "two", *run, nproc=1, launch=("--nnodes=2", f"--node_rank={node}",
+                      "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}")) for node in (0, 1)]  # fmt: skip
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert read_metrics(tmp_path / "two" / "metrics.jsonl") == read_metrics(tmp_path / "one" / "metrics.jsonl")
+    expected = checkpoint(tmp_path / "one")["model"]
+    for key, value in checkpoint(tmp_path / "two")["model"].items():
+        assert torch.equal(value, expected[key]), key  # bit for bit
+
+
+def test_an_out_dir_that_is_not_shared_stops_every_rank_at_start(tmp_path):
+    # Each rank in a folder of its own: out_dir=run names another folder on each, as on nodes with their own disks.
+    for node in (0, 1):
+        (tmp_path / f"node{node}").mkdir()
+    process = torchrun(Path("run"), "max_steps=4", "warmup_steps=0", env={"PROBE_NODE_DISKS": str(tmp_path)})
+    output, _ = process.communicate(timeout=300)
+    runs = [tmp_path / f"node{rank}" / "run" for rank in (0, 1)]
+    assert [json.loads((run / f"probe-rank{rank}.json").read_text())["exit_code"] for rank, run in enumerate(runs)] == [
+        2, 2], output  # fmt: skip
+    assert "error (rank 1): out_dir run is not the folder rank 0 writes to" in output
+    assert "error (rank 0): another process cannot see out_dir run" in output
+    assert not list(runs[0].glob(".shared_check-*")) and not (runs[0] / "last.pt").exists()
 
 
 def test_a_config_that_cannot_be_sharded_is_one_line_on_every_rank(tmp_path):

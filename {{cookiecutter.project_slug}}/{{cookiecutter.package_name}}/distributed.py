@@ -44,7 +44,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 {%- else %}
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs
 {%- endif %}
 
 from .config import Config, ConfigError
@@ -221,9 +220,7 @@ def setup(cfg: Config) -> Dist:
         torch.cuda.set_device(device)
     elif device.type == "mps":
         device = torch.device("cpu")  # device=auto on a Mac: several processes share the CPU
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = timedelta(minutes=cfg.dist_timeout_minutes)
-    dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    join_group(device, cfg.dist_timeout_minutes)
     return joined(cfg.dist_timeout_minutes, device)
 {%- else %}
 
@@ -241,10 +238,13 @@ def setup(cfg: Config) -> Dist:
     precision = resolve_precision(cfg.precision, device)
     if cfg.precision == "fp16" and precision.name == "fp32":
         log.warning("precision fp16: Accelerate has no fp16 autocast on the CPU; training in fp32")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun, or accelerate launch (which runs it): a group
+        # Accelerate joins rather than starts, on the GPU it will give this process (cuda:LOCAL_RANK)
+        local = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else device
+        join_group(local, cfg.dist_timeout_minutes)
     accelerator = Accelerator(
         cpu=device.type == "cpu",  # also what makes torchrun's CPU processes one group (gloo)
         mixed_precision={"fp32": "no"}.get(precision.name, precision.name),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))],
     )
     if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -256,6 +256,18 @@ def setup(cfg: Config) -> Dist:
     ctx.accelerator = accelerator
     return ctx
 {%- endif %}
+
+
+def join_group(device: torch.device, timeout_minutes: float) -> None:
+    """Join torchrun's processes: NCCL for GPUs, gloo for CPUs. torchrun --max-restarts starts every process
+    again when one dies, and its store still holds the previous attempt's addresses: each attempt gets a
+    store of its own, so a restarted group joins afresh instead of dialling dead processes."""
+    timeout = timedelta(minutes=timeout_minutes)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=world_size, timeout=timeout,
+                            device_id=device if device.index is not None else None)  # fmt: skip
 
 
 def joined(timeout_minutes: float, device: torch.device) -> Dist:

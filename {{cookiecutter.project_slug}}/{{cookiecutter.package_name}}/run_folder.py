@@ -12,7 +12,9 @@ where everything is.
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +143,45 @@ def open_run_folder(state: TrainState, ctx: Dist, resumed: bool) -> MetricsLog:
     # The other ranks only read what rank 0 wrote; they stop with it when its tracker could not start.
     if ctx.agree_max(error is not None):
         raise error or TrackerError("rank 0 could not start the tracker; its message says why")
+    check_shared(out_dir, ctx)
     return metrics_log
+
+
+def check_shared(out_dir: Path, ctx: Dist) -> None:
+    """Under torchrun, that every rank sees the out_dir rank 0 writes to, or every rank stops, saying so: rank 0
+    alone writes last.pt, the stop marker and the commit of a sharded checkpoint, for every node."""
+    if not ctx.enabled:
+        return
+    token = ctx.decide_on_main(lambda: secrets.token_hex(8))
+    check = out_dir / f".shared_check-{token}"  # a new name: no node has it cached as missing
+    if ctx.is_main:
+        check.write_text(token)
+    ctx.barrier()
+    seen = ctx.is_main or _reads(check, token)
+    unseen_somewhere = ctx.agree_max(not seen)  # once every rank has looked
+    if ctx.is_main:
+        check.unlink()
+    if unseen_somewhere and not seen:
+        raise ConfigError(
+            f"out_dir {out_dir} is not the folder rank 0 writes to (a disk of this node's own?): "
+            "every node needs the same out_dir, on a shared filesystem"
+        )
+    if unseen_somewhere:
+        raise ConfigError(f"another process cannot see out_dir {out_dir}; its message says why")
+
+
+def _reads(path: Path, text: str, seconds: float = 10.0) -> bool:
+    """Whether ``path`` holds ``text``, waiting up to ``seconds`` for a network filesystem to show it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if path.read_text() == text:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def announce_stop(state: TrainState, ctx: Dist, stop_reason: int) -> None:
