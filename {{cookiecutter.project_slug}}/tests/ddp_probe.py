@@ -14,8 +14,9 @@ checkpoint to resume from (a node with a disk of its own); PROBE_UNREADABLE_ON=R
 rank unable to read the checkpoint; PROBE_SIGTERM_IN_EVAL=RANK sends that rank a SIGTERM during
 its first evaluation; PROBE_SIGTERM_AT=RANK:STEP sends that rank a SIGTERM in that optimizer step;
 PROBE_KILL_AT=RANK:STEP kills that rank (SIGKILL) in that optimizer step, in torchrun's first launch only;
-PROBE_NODE_DISKS=FOLDER runs rank R in FOLDER/nodeR, where a relative OUT_DIR is a folder of its own.
-PROBE_GRADIENT_BYTES=1 measures the tensor bytes that step 2's earlier micro-batches leave held.
+PROBE_NODE_DISKS=FOLDER runs rank R in FOLDER/nodeR, where a relative OUT_DIR is a folder of its own;
+PROBE_EXTRA_TOTAL_ON=RANK makes that rank's metric_totals return one name more than the others'.
+PROBE_GRADIENT_BYTES=1 measures the gradient bytes held in step 2's last micro-batch, after its forward.
 """
 
 from __future__ import annotations
@@ -67,18 +68,14 @@ class CountingDDP(torch.nn.parallel.DistributedDataParallel):
         self.register_comm_hook(None, counting_hook)
 
 
-def live_tensor_bytes() -> int:
-    """The bytes of every tensor this process holds, and of the parameters' gradients (which live in C++,
-    out of the garbage collector's sight): each storage once, a DTensor's through its local shard."""
+def gradient_bytes() -> int:
+    """The bytes of the gradients this process holds: of every parameter alive, the model's (under FSDP its
+    shards) and FSDP's own whole ones, each storage once, a DTensor's through its local shard."""
     storages = {}
     for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor):
-            continue
-        for tensor in (obj, obj.grad if isinstance(obj, torch.nn.Parameter) else None):
-            tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-            if tensor is not None and tensor.device.type != "meta":
-                storage = tensor.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+        if isinstance(obj, torch.nn.Parameter) and obj.grad is not None:
+            grad = obj.grad.to_local() if isinstance(obj.grad, DTensor) else obj.grad
+            storages[grad.untyped_storage().data_ptr()] = grad.untyped_storage().nbytes()
     return sum(storages.values())
 
 
@@ -123,14 +120,14 @@ def main() -> int:
     nan_rank, _, nan_step = os.environ.get("PROBE_NAN_AT", "-1:-1").partition(":")
     real_loss = train_module.compute_loss
 
-    live_bytes: list[int] = []  # PROBE_GRADIENT_BYTES: at step 2's first and last micro-batch
+    held: list[int] = []  # PROBE_GRADIENT_BYTES: at step 2's last micro-batch
 
     def loss(output, target):
         micro_batches["n"] += 1
         if micro_batches["n"] == 1:
             (out_dir / f"probe-rank{rank}.training").touch()  # the loop is under way
-        if os.environ.get("PROBE_GRADIENT_BYTES") and micro_batches["n"] in (accum_steps + 1, 2 * accum_steps):
-            live_bytes.append(live_tensor_bytes())
+        if os.environ.get("PROBE_GRADIENT_BYTES") and micro_batches["n"] == 2 * accum_steps:
+            held.append(gradient_bytes())  # what the step's earlier micro-batches left (zero_grad freed the rest)
         value, count = real_loss(output, target)
         if rank == int(nan_rank) and micro_batches["n"] == (int(nan_step) - 1) * accum_steps + 1:
             value = value * float("nan")
@@ -168,6 +165,9 @@ def main() -> int:
 
         checkpoint_module.load_checkpoint = unreadable
 
+    if os.environ.get("PROBE_EXTRA_TOTAL_ON") == str(rank):
+        real_totals = evaluate_module.metric_totals
+        evaluate_module.metric_totals = lambda output, target: {**real_totals(output, target), "extra": 1.0}
     if os.environ.get("PROBE_SIGTERM_IN_EVAL") == str(rank):
         evaluate_module.metric_totals = SignalOnCall(evaluate_module.metric_totals, 2)  # in the second batch
 
@@ -183,8 +183,7 @@ def main() -> int:
 {%- endif %}
             "steps_taken": int(moments[0].get("step", 0)) if moments else 0,  # SGD does not count them
             "models_left": models_left,
-            # What the step's earlier micro-batches left: their gradients (zero_grad freed the last step's).
-            "gradient_bytes_held": live_bytes[1] - live_bytes[0] if live_bytes else None,
+            "gradient_bytes_held": held[0] if held else None,
             "collectives_after_step": collectives,
         })
     )  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 {% if cookiecutter.loop == "plain" -%}
 import shutil
 {% endif -%}
@@ -43,6 +44,8 @@ pytestmark = pytest.mark.distributed
 
 def torchrun(out_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
              launch: tuple[str, ...] = ("--standalone",)) -> subprocess.Popen:  # fmt: skip
+    for left in Path(out_dir).glob("probe-rank*"):  # an earlier launch's: a rank killed now must leave none
+        left.unlink()
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}",
          str(ROOT / "tests" / "ddp_probe.py"), str(out_dir), "device=cpu", *overrides],
@@ -217,7 +220,18 @@ def test_a_config_that_cannot_be_sharded_is_one_line_on_every_rank(tmp_path):
     assert [p["exit_code"] for p in probes(tmp_path / "ddp")] == [2, 2], output
     for rank in (0, 1):
         assert f"error (rank {rank}): the validation set has 1 sample(s), fewer than the 2 process(es)" in output
-    assert "{{ cookiecutter.package_name }}/" not in output  # no traceback through our code (torchrun prints its own)
+    # No traceback through our code (torchrun prints its own, and the script's path, which may hold the name).
+    assert not re.search(r'File "[^"]*/{{ cookiecutter.package_name }}/\w+\.py"', output), output
+
+
+def test_metric_totals_that_differ_between_ranks_stop_every_rank_instead_of_hanging(tmp_path):
+    process = torchrun(tmp_path / "ddp", "max_steps=2", "warmup_steps=0", "dist_timeout_minutes=0.5",
+                       env={"PROBE_EXTRA_TOTAL_ON": "1"})  # fmt: skip
+    output, _ = process.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(tmp_path / "ddp")] == [2, 2], output
+    for rank in (0, 1):
+        assert f"error (rank {rank}): metric_totals (task.py) returned" in output
+    assert "other names or shapes on another process" in output
 
 
 def test_an_error_on_one_rank_only_is_printed_with_its_rank(tmp_path):
@@ -307,7 +321,7 @@ def test_sgd_trains_under_fsdp_as_under_ddp(tmp_path):
 
 
 def test_fsdp_accumulation_holds_1_nth_of_the_gradients_unless_told_to_keep_them_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(stand_in, "WIDTH", 256)  # 74,000 parameters: gradients that outweigh a batch's tensors
+    monkeypatch.setattr(stand_in, "WIDTH", 256)  # 74,000 parameters
     model_bytes = 4 * sum(p.numel() for p in stand_in.build_model(None).parameters())
     run = ["parallel=fsdp", "precision=fp32", "max_steps=2", "warmup_steps=0", "accum_steps=4", "batch_size=8",
            "log_every=1", "eval_every=100", "ckpt_every=100"]  # fmt: skip
@@ -322,7 +336,7 @@ def test_fsdp_accumulation_holds_1_nth_of_the_gradients_unless_told_to_keep_them
         # Sharded: each of the 3 units reduce-scatters in every micro-batch; whole: in the last one only.
         calls = 2 * 3 * (4 if accumulate == "sharded" else 1)
         assert [p["reduce_scatter_calls"] for p in probes(out_dir)] == [calls, calls]
-    print(f"gradient bytes held by each rank before a step's last micro-batch: {held} (model: {model_bytes})")
+    print(f"gradient bytes held by each rank in a step's last micro-batch: {held} (model: {model_bytes})")
     assert all(held_by_rank <= 0.51 * model_bytes for held_by_rank in held["sharded"]), (held, model_bytes)
     assert all(held_by_rank >= model_bytes for held_by_rank in held["whole"]), (held, model_bytes)
 
@@ -340,6 +354,7 @@ def test_an_fsdp_run_stopped_by_sigterm_resumes_exactly_on_2_processes_and_on_1(
     assert [p["exit_code"] for p in probes(tmp_path / "stopped")] == [143, 143], output
     step, _ = sharded_weights(tmp_path / "stopped" / "last")
     assert step == 11  # the ranks agreed on it during the next step
+    assert "stopped by signal 15 at step 11; last saved, resume with resume=auto" in output  # the folder
     assert sorted(p.name for p in (tmp_path / "stopped" / "last" / "step-00000011").glob("*.distcp")) == [
         "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shards  # fmt: skip
     shutil.copytree(tmp_path / "stopped", tmp_path / "alone")

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.config import load_config
+from {{ cookiecutter.package_name }}.config import ConfigError, load_config
 from {{ cookiecutter.package_name }}.evaluate import evaluate, evaluate_checkpoint
 from {{ cookiecutter.package_name }}.precision import Precision
 from {{ cookiecutter.package_name }}.schedule import build_scheduler, lr_at
@@ -264,6 +265,11 @@ def test_optimizer_settings_and_lr_multipliers_reach_the_optimizer_with_decay_gr
     assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in groups)
     lr = [g["lr"] for g in groups]  # after 3 steps of the schedule: the ratio holds
     assert lr[0] == lr[1] < cfg.lr and lr[2] == pytest.approx(0.1 * lr[0], rel=1e-12)
+    # A prefix that names no parameter (a typo, another model's names) is refused before anything is written.
+    typo = make_config("lr_multipliers=backbone.=0.1", name="typo")
+    with pytest.raises(ConfigError, match="lr_multipliers: 'backbone.' starts no parameter's name; the model's start"):
+        train(typo)
+    assert not Path(typo.out_dir).exists()
 
 
 # --- 6. validation + best checkpoint ---
@@ -287,6 +293,20 @@ def test_metrics_are_computed_once_from_the_whole_sets_totals(make_config):
     assert metrics["val_class_acc"] == pytest.approx(torch.stack(per_class).mean().item(), rel=1e-12)
     loss = torch.nn.functional.cross_entropy(output.flatten(0, 1), targets.flatten(), ignore_index=stand_in.IGNORE)
     assert metrics["val_loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_metric_totals_that_change_shape_between_batches_are_one_line_before_anything_is_saved(
+    make_config, monkeypatch
+):
+    # A per-class count without minlength: as long as the largest class the batch holds, so batches differ.
+    def per_class_without_minlength(output, target):
+        return {"tokens": torch.bincount(target[target != stand_in.IGNORE])}
+
+    monkeypatch.setattr(evaluate_module, "metric_totals", per_class_without_minlength)
+    cfg = make_config("max_steps=2", "warmup_steps=0", "eval_every=2", "batch_size=2")
+    with pytest.raises(ConfigError, match=r"metric_totals \(task.py\) returned \{'tokens': \(\d+,\)\} for batch"):
+        train(cfg)
+    assert not (Path(cfg.out_dir) / "best.pt").exists()
 
 
 def test_best_checkpoint_is_replaced_only_on_improvement(make_config, monkeypatch):

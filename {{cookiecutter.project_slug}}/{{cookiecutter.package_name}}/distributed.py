@@ -174,6 +174,11 @@ def parallelize(
     return model
 
 
+def children_with_parameters(model: nn.Module) -> list[nn.Module]:
+    """FSDP's units when model.py names none: each child of the model that holds parameters."""
+    return [child for child in model.children() if any(True for _ in child.parameters())]
+
+
 @contextlib.contextmanager
 def no_gradient_sync(model: nn.Module, fsdp_accumulate: str) -> Iterator[None]:
     """For the micro-batches before a step's last: gradients accumulate locally, synced once per step.

@@ -12,6 +12,7 @@ import argparse
 import logging
 import math
 import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def evaluate(
     # Running totals on the device, in float64 (MPS has none: float32 there).
     dtype = torch.float32 if device.type == "mps" else torch.float64
     totals: dict[str, torch.Tensor] = {}
+    problem = ""  # a batch whose totals do not add up with the others' (task.py); found, the rest go on
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         for index, (inputs, targets) in enumerate(loader):
@@ -57,9 +59,11 @@ def evaluate(
             targets = targets.to(device, non_blocking=True)
             with precision.autocast():
                 output = model(inputs)
-            for name, value in metric_totals(output, targets).items():
-                value = torch.as_tensor(value, device=device).to(dtype)
-                totals[name] = totals[name] + value if name in totals else value
+            batch = {name: torch.as_tensor(value, device=device).to(dtype)
+                     for name, value in metric_totals(output, targets).items()}  # fmt: skip
+            problem = problem or layout_problem(totals, batch, index)
+            if not problem:
+                totals = {name: totals[name] + value if totals else value for name, value in batch.items()}
         if distributed:
             # Every rank runs as many forwards as the largest shard needs: DDP may broadcast buffers, and FSDP
             # gathers each unit's weights from every rank, in each forward. A shorter shard repeats its last
@@ -70,11 +74,38 @@ def evaluate(
                     model(inputs)
     finally:
         model.train(was_training)
+    if distributed:  # the same totals on every rank, or every rank stops (an all-reduce of others would hang)
+        problem = agree_on_layout(totals, problem, device)
+    if problem:
+        raise ConfigError(f"metric_totals (task.py) {problem}: every batch must return the same keys, each with "
+                          "the same shape (count per class with torch.bincount(..., minlength=...))")  # fmt: skip
     if distributed:
         totals = sum_over_processes(totals)  # the whole set's totals, not a mean of the shards' metrics
     metrics = compute_metrics(totals)
     values = torch.stack([torch.as_tensor(value, device=device).to(dtype) for value in metrics.values()])
     return dict(zip(metrics, values.tolist(), strict=True))
+
+
+def layout_problem(totals: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], index: int) -> str:
+    """What differs between a batch's totals and those added up so far ("" when nothing does, or at first)."""
+    seen, new = ({name: tuple(value.shape) for name, value in d.items()} for d in (totals, batch))
+    return f"returned {new} for batch {index} but {seen} before" if totals and seen != new else ""
+
+
+def agree_on_layout(totals: dict[str, torch.Tensor], problem: str, device: torch.device) -> str:
+    """Under torchrun, every rank calls it: this rank's problem, or one every rank sees when a rank had one
+    or when the ranks' totals differ in names or shapes ("" when none). One all-reduce (MAX) of 3 numbers:
+    whether this rank had a problem, the signature of its layout, and its negative (for the minimum)."""
+    layout = repr(sorted((name, tuple(value.shape)) for name, value in totals.items()))
+    signature = zlib.crc32(layout.encode())
+    flags = torch.tensor([int(bool(problem)), signature, -signature], device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    any_problem, largest, negated_smallest = flags.tolist()
+    if problem or any_problem:
+        return problem or "failed on another process; its message says which batch"
+    if largest != -negated_smallest:
+        return f"returned {layout} here and other names or shapes on another process"
+    return ""
 
 
 def sum_over_processes(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import Config, lr_multipliers
+from .config import Config, ConfigError, lr_multipliers
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -19,6 +19,13 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
         if p.requires_grad:
             factor = next((f for prefix, f in multipliers if name.startswith(prefix)), 1.0)
             groups.setdefault((factor, p.ndim >= 2), []).append(p)
+    names = [name for name, _ in model.named_parameters()]
+    for prefix, _ in multipliers:  # a typo would otherwise leave those parameters at the base lr, silently
+        if not any(name.startswith(prefix) for name in names):
+            raise ConfigError(
+                f"lr_multipliers: '{prefix}' starts no parameter's name; the model's start with "
+                f"{', '.join(sorted({name.split('.')[0] + '.' for name in names}))}"
+            )
     param_groups = [
         {"params": params, "lr": cfg.lr * factor, "weight_decay": cfg.weight_decay if decay else 0.0}
         for (factor, decay), params in groups.items()

@@ -25,7 +25,7 @@ from .metrics import MetricsLog, require_tensorboard
 from .progress import summarize
 from .schedule import decay_horizon
 from .signals import TIME_LIMIT, exit_status
-from .state import TrainState
+from .state import TrainingError, TrainState
 from .trackers import TrackerError, require_tracker, start_tracker
 
 log = logging.getLogger(__name__)
@@ -122,19 +122,22 @@ def open_run_folder(state: TrainState, ctx: Dist, resumed: bool) -> MetricsLog:
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", enabled=ctx.is_main)
     error = None
     if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resumed:
-            for name in RUN_FILES:  # only reached with overwrite=true, or an empty folder
-                remove(out_dir / name)
-            for folder in ("tensorboard", "wandb"):
-                shutil.rmtree(out_dir / folder, ignore_errors=True)
-        (out_dir / STOPPED_MARKER).unlink(missing_ok=True)
-        if cfg.tensorboard:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if not resumed:
+                for name in RUN_FILES:  # only reached with overwrite=true, or an empty folder
+                    remove(out_dir / name)
+                for folder in ("tensorboard", "wandb"):
+                    shutil.rmtree(out_dir / folder, ignore_errors=True)
+            (out_dir / STOPPED_MARKER).unlink(missing_ok=True)
+            (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        except OSError as e:  # read-only, full, or not a folder: before anything is trained
+            error = TrainingError(f"cannot write to out_dir {out_dir}: {e.strerror or e}; use one you can write to")
+        if error is None and cfg.tensorboard:
             metrics_log.add_tensorboard(out_dir / "tensorboard", first_step=state.step)
-        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
-        if resumed:
+        if error is None and resumed:
             metrics_log.truncate_after(state.step)
-        if cfg.tracker != "none":
+        if error is None and cfg.tracker != "none":
             try:
                 metrics_log.tracker = start_tracker(cfg, state.tracker_run_id, out_dir)
                 state.tracker_run_id = metrics_log.tracker.run_id
@@ -142,7 +145,7 @@ def open_run_folder(state: TrainState, ctx: Dist, resumed: bool) -> MetricsLog:
                 error = e
     # The other ranks only read what rank 0 wrote; they stop with it when its tracker could not start.
     if ctx.agree_max(error is not None):
-        raise error or TrackerError("rank 0 could not start the tracker; its message says why")
+        raise error or TrainingError("rank 0 could not open out_dir or start the tracker; its message says why")
     check_shared(out_dir, ctx)
     return metrics_log
 
@@ -198,7 +201,8 @@ def announce_stop(state: TrainState, ctx: Dist, stop_reason: int) -> None:
         why = f"signal {stop_reason}"
     if ctx.is_main:
         (Path(cfg.out_dir) / STOPPED_MARKER).write_text(f"{why} at step {state.step}\n")
-    log.warning("stopped by %s at step %d; last.pt saved, resume with resume=auto", why, state.step)
+    log.warning("stopped by %s at step %d; %s saved, resume with resume=auto", why, state.step,
+                latest_checkpoint(cfg).name)  # fmt: skip
 
 
 def finish(state: TrainState, seconds: float, train_seconds: float, samples: int, stop_reason: int) -> dict[str, Any]:

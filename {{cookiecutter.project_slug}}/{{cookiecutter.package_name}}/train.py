@@ -44,6 +44,9 @@ from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed, run_folder
+{%- if cookiecutter.loop == "plain" %}
+from . import model as your_model
+{%- endif %}
 from .checkpoint import (
     CheckpointError,
     load_weights,
@@ -57,11 +60,7 @@ from .data import build_datasets
 from .evaluate import evaluate
 from .loader import build_loaders
 from .metrics import MetricsLog
-{%- if cookiecutter.loop == "plain" %}
-from .model import build_model, fsdp_units
-{%- else %}
 from .model import build_model
-{%- endif %}
 from .optimizer import build_optimizer
 from .precision import Precision, allow_tf32, resolve_precision
 from .progress import Progress, describe_run
@@ -73,6 +72,10 @@ from .task import METRIC_GOALS, compute_loss
 from .trackers import TrackerError
 
 log = logging.getLogger(__name__)
+{%- if cookiecutter.loop == "plain" %}
+# parallel=fsdp's units: model.py's fsdp_units when it has one (a model for one GPU need not), else each child.
+fsdp_units = getattr(your_model, "fsdp_units", distributed.children_with_parameters)
+{%- endif %}
 
 
 def divide_gradients(params: list[nn.Parameter], divisor: torch.Tensor) -> None:
