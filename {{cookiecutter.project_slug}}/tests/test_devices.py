@@ -39,6 +39,20 @@ class InBfloat16(nn.Module):
         return self.inner(x.to(torch.bfloat16) if x.is_floating_point() else x)
 
 
+def test_precision_bf16_computes_the_forward_in_bfloat16(make_config, monkeypatch):
+    # What a layer inside the model computes in (Accelerate hands the loss fp32 outputs, by design).
+    dtypes, real_build = [], train_module.build_model
+
+    def recording_build(cfg):
+        model = real_build(cfg)
+        model[1].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))  # a Linear
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", recording_build)
+    train(make_config("precision=bf16", "max_steps=2", "warmup_steps=0", "eval_every=1000", "accum_steps=1"))
+    assert dtypes[:2] == [torch.bfloat16, torch.bfloat16], dtypes  # the 2 training steps (then evaluation)
+
+
 def test_a_model_cast_to_bf16_trains_and_skips_a_nan_step(make_config, monkeypatch):
     # Its loss and gradient norm are bf16; the fused optimizer's skip flag must still be float32.
     real_build = train_module.build_model

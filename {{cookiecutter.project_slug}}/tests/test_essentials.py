@@ -28,6 +28,7 @@ from .conftest import (
     cli,
     eval_records,
     first_moments,
+    nan_loss_on,
     record_saves,
     train_records,
 )
@@ -306,6 +307,15 @@ def test_metric_totals_that_change_shape_between_batches_are_one_line_before_any
     cfg = make_config("max_steps=2", "warmup_steps=0", "eval_every=2", "batch_size=2")
     with pytest.raises(ConfigError, match=r"metric_totals \(task.py\) returned \{'tokens': \(\d+,\)\} for batch"):
         train(cfg)
+    assert not (Path(cfg.out_dir) / "best.pt").exists()
+
+
+def test_best_pt_is_never_written_in_a_streak_of_bad_steps_even_when_the_metric_improves(make_config, monkeypatch):
+    # The first evaluation always improves on nothing; its step (10) is bad: no best.pt from those weights.
+    nan_loss_on(monkeypatch, steps={10})
+    cfg = make_config("max_steps=10", "warmup_steps=0", "eval_every=10", "ckpt_every=1000")
+    train(cfg)
+    assert [r["step"] for r in eval_records(cfg.out_dir)] == [10]
     assert not (Path(cfg.out_dir) / "best.pt").exists()
 
 

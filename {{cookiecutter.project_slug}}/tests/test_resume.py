@@ -388,6 +388,48 @@ def test_a_damaged_checkpoint_is_reported_and_left_alone(make_config, capsys, da
     assert last.read_bytes() == damaged and (Path(cfg.out_dir) / "metrics.jsonl").read_bytes() == metrics
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [("rename", "missing 1.weight; unexpected 1.weights"), ("drop", "missing 1.weight"),
+     ("add", "unexpected extra.weight")],
+)  # fmt: skip
+def test_a_checkpoint_whose_keys_do_not_match_the_model_is_one_line(make_config, capsys, change, message):
+    cfg = make_config("max_steps=2", "warmup_steps=0")
+    train(cfg)
+    last = Path(cfg.out_dir) / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    weights = saved["model"]
+    if change == "rename":
+        weights["1.weights"] = weights.pop("1.weight")
+    elif change == "drop":
+        del weights["1.weight"]
+    else:
+        weights["extra.weight"] = torch.zeros(2)
+    save_checkpoint(saved, last)
+    before = last.read_bytes()
+    assert main(cli(cfg.out_dir, "max_steps=4", "warmup_steps=0", "resume=auto")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {last} does not fit the model built from the config: {message}")
+    assert err.count("\n") == 1 and last.read_bytes() == before
+
+
+def test_max_time_minutes_stops_at_the_start_plus_60_seconds_a_minute(make_config, monkeypatch):
+    # A fake clock, read by the loop and by the stop request: one minute per step (accum_steps=1).
+    real_loss, minutes = train_module.compute_loss, {"passed": 0}
+
+    def a_minute_a_step(output, target):
+        minutes["passed"] += 1
+        return real_loss(output, target)
+
+    clock = SimpleNamespace(perf_counter=lambda: 60.0 * minutes["passed"])
+    monkeypatch.setattr(train_module, "compute_loss", a_minute_a_step)
+    monkeypatch.setattr(train_module, "time", clock)
+    monkeypatch.setattr(signals_module, "time", clock)
+    summary = train(make_config("max_steps=100", "warmup_steps=0", "max_time_minutes=7", "log_every=1000",
+                                "eval_every=1000", "ckpt_every=1000"))  # fmt: skip
+    assert (summary["step"], summary["exit_code"]) == (7, 124)  # 7 minutes after the start, not 7 seconds
+
+
 def test_a_checkpoint_of_another_model_shape_is_reported(make_config, monkeypatch, capsys):
     cfg = make_config("max_steps=3", "warmup_steps=0")
     train(cfg)

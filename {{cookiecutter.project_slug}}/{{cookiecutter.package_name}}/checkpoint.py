@@ -194,6 +194,8 @@ def restore_training(path: Path, saved: dict[str, Any], state: TrainState, ctx: 
         else:
             check_fits(state.model, saved["model"], path)
             state.load_state_dict(saved)
+    except CheckpointError:
+        raise  # already one line saying what does not fit
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from None
     rng = saved["rng"]
