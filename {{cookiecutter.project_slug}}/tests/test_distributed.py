@@ -14,10 +14,14 @@ import re
 import shutil
 {% endif -%}
 import signal
+{% if cookiecutter.loop == "plain" -%}
 import socket
+{% endif -%}
 import subprocess
 import sys
+{% if cookiecutter.loop == "plain" -%}
 import time
+{% endif -%}
 from pathlib import Path
 
 import pytest
@@ -141,25 +145,6 @@ def test_sigterm_to_one_rank_stops_every_rank_and_resumes_in_one_process(make_co
     assert data["samples_in_epoch"] % 64 == 0
 
 
-def test_sigterm_to_torchrun_is_saved_inside_its_shutdown_window_whatever_log_every_is(tmp_path):
-    # torchrun passes SIGTERM on to its processes and kills them --shutdown-timeout (30) seconds later: the
-    # ranks must agree on the stop and save by then, though no log, evaluation or checkpoint step comes.
-    out_dir, never = tmp_path / "ddp", "1000000"
-    process = torchrun(out_dir, f"max_steps={never}", f"log_every={never}", f"eval_every={never}",
-                       f"ckpt_every={never}", "batch_size=16")  # fmt: skip
-    while not all((out_dir / f"probe-rank{rank}.training").exists() for rank in (0, 1)):
-        assert process.poll() is None, process.communicate()[0]
-        time.sleep(0.05)
-    signalled = time.perf_counter()
-    process.send_signal(signal.SIGTERM)  # to the agent, as SLURM or Kubernetes sends it
-    output, _ = process.communicate(timeout=300)
-    print(f"SIGTERM to torchrun: its processes saved and exited {time.perf_counter() - signalled:.1f} s later")
-    # Had torchrun killed them, they would have left no probe file, no last.pt and no marker.
-    assert [p["exit_code"] for p in probes(out_dir)] == [143, 143], output
-    stopped_at = checkpoint(out_dir)["step"]
-    assert (out_dir / "stopped_by_signal").read_text() == f"signal 15 at step {stopped_at}\n"
-
-
 def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_finishes_bit_exact(tmp_path):
     # torchrun --max-restarts: when a process dies (kill -9, a lost node), every process is started again,
     # and resume=auto continues from the last checkpoint (step 5 here) to the uninterrupted run's weights.
@@ -179,6 +164,29 @@ def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_finishes_bit_
         assert torch.equal(value, expected[key]), key  # bit for bit
     records = read_metrics(tmp_path / "restarted" / "metrics.jsonl")
     assert records == read_metrics(tmp_path / "reference" / "metrics.jsonl")
+
+
+{%- if cookiecutter.loop == "plain" %}
+
+
+# The loop's own code, the same in both bakes: the default bake runs these.
+def test_sigterm_to_torchrun_is_saved_inside_its_shutdown_window_whatever_log_every_is(tmp_path):
+    # torchrun passes SIGTERM on to its processes and kills them --shutdown-timeout (30) seconds later: the
+    # ranks must agree on the stop and save by then, though no log, evaluation or checkpoint step comes.
+    out_dir, never = tmp_path / "ddp", "1000000"
+    process = torchrun(out_dir, f"max_steps={never}", f"log_every={never}", f"eval_every={never}",
+                       f"ckpt_every={never}", "batch_size=16")  # fmt: skip
+    while not all((out_dir / f"probe-rank{rank}.training").exists() for rank in (0, 1)):
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.05)
+    signalled = time.perf_counter()
+    process.send_signal(signal.SIGTERM)  # to the agent, as SLURM or Kubernetes sends it
+    output, _ = process.communicate(timeout=300)
+    print(f"SIGTERM to torchrun: its processes saved and exited {time.perf_counter() - signalled:.1f} s later")
+    # Had torchrun killed them, they would have left no probe file, no last.pt and no marker.
+    assert [p["exit_code"] for p in probes(out_dir)] == [143, 143], output
+    stopped_at = checkpoint(out_dir)["step"]
+    assert (out_dir / "stopped_by_signal").read_text() == f"signal 15 at step {stopped_at}\n"
 
 
 def test_two_torchrun_agents_one_process_each_train_as_one_agent_with_two(tmp_path):
@@ -212,6 +220,7 @@ def test_an_out_dir_that_is_not_shared_stops_every_rank_at_start(tmp_path):
     assert "error (rank 1): out_dir run is not the folder rank 0 writes to" in output
     assert "error (rank 0): another process cannot see out_dir run" in output
     assert not list(runs[0].glob(".shared_check-*")) and not (runs[0] / "last.pt").exists()
+{%- endif %}
 
 
 def test_a_config_that_cannot_be_sharded_is_one_line_on_every_rank(tmp_path):
@@ -308,16 +317,18 @@ def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_pa
     assert shards_alone["val_loss"] == pytest.approx(fsdp[-1]["val_loss"], rel=1e-6)
 
 
-def test_sgd_trains_under_fsdp_as_under_ddp(tmp_path):
+def test_sgd_trains_under_fsdp_as_one_process_does(make_config, no_dropout, tmp_path):
     # FSDP's sharded parameters have no fused SGD kernel: SGD takes its foreach path there.
-    common = ["optimizer=sgd", "precision=fp32", "max_steps=4", "warmup_steps=0", "batch_size=16", "log_every=1",
-              "eval_every=100", "ckpt_every=100"]  # fmt: skip
-    for strategy in ("ddp", "fsdp"):
-        process = torchrun(tmp_path / strategy, *common, f"parallel={strategy}", env={"STAND_IN_DROPOUT": "0"})
-        output, _ = process.communicate(timeout=300)
-        assert [p["exit_code"] for p in probes(tmp_path / strategy)] == [0, 0], output
-    ddp, fsdp = (read_metrics(tmp_path / strategy / "metrics.jsonl") for strategy in ("ddp", "fsdp"))
-    assert [r["loss"] for r in fsdp if "loss" in r] == pytest.approx([r["loss"] for r in ddp if "loss" in r], rel=1e-5)
+    common = ["optimizer=sgd", "precision=fp32", "max_steps=4", "warmup_steps=0", "log_every=1", "eval_every=100",
+              "ckpt_every=100"]  # fmt: skip
+    process = torchrun(tmp_path / "fsdp", *common, "parallel=fsdp", "batch_size=16", env={"STAND_IN_DROPOUT": "0"})
+    output, _ = process.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(tmp_path / "fsdp")] == [0, 0], output
+    single = make_config(*common, "batch_size=32", name="single")  # the same global batch
+    train(single)
+    fsdp, alone = ([r["loss"] for r in read_metrics(Path(path) / "metrics.jsonl") if "loss" in r]
+                   for path in (tmp_path / "fsdp", single.out_dir))  # fmt: skip
+    assert len(fsdp) == 4 and fsdp == pytest.approx(alone, rel=1e-5)
 
 
 def test_fsdp_accumulation_holds_1_nth_of_the_gradients_unless_told_to_keep_them_whole(tmp_path, monkeypatch):

@@ -173,7 +173,7 @@ def check_shared(out_dir: Path, ctx: Dist) -> None:
         raise ConfigError(f"another process cannot see out_dir {out_dir}; its message says why")
 
 
-def _reads(path: Path, text: str, seconds: float = 10.0) -> bool:
+def _reads(path: Path, text: str, seconds: float = 5.0) -> bool:
     """Whether ``path`` holds ``text``, waiting up to ``seconds`` for a network filesystem to show it."""
     deadline = time.monotonic() + seconds
     while True:
