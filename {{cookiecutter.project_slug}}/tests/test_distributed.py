@@ -117,7 +117,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monke
     assert not list(out_dir.glob("*.tmp"))
 
 
-def test_sigterm_to_one_rank_stops_every_rank_and_resumes_in_one_process(make_config, tmp_path):
+def test_sigterm_to_one_rank_stops_every_rank_and_resumes_in_one_process(make_config, tmp_path, caplog):
     out_dir = tmp_path / "ddp"
     process = torchrun(out_dir, "max_steps=5000", "log_every=10", "ckpt_every=1000", "eval_every=1000",
                        "accum_steps=2", "batch_size=16")  # fmt: skip
@@ -140,6 +140,8 @@ def test_sigterm_to_one_rank_stops_every_rank_and_resumes_in_one_process(make_co
                           "accum_steps=2", "batch_size=32", "ckpt_every=1000", "eval_every=1000")  # fmt: skip
     summary = train(resumed)
     assert summary["step"] == stopped_at + 10 and summary["exit_code"] == 0
+    assert "saved by 2 process(es), now 1; random streams restart; 64 samples per optimizer step then, 64 now" in (
+        caplog.text)  # fmt: skip
     assert not (out_dir / "stopped_by_signal").exists()
     data = checkpoint(out_dir)["data"]
     assert data["samples_in_epoch"] % 64 == 0

@@ -201,8 +201,12 @@ def restore_training(path: Path, saved: dict[str, Any], state: TrainState, ctx: 
     rng = saved["rng"]
     if len(rng) == ctx.world_size:
         set_rng_state(rng[ctx.rank])
-    else:  # another world size: fresh streams, still a function of the seed
-        log.warning("resume: saved by %d process(es), now %d; random streams restart", len(rng), ctx.world_size)
+    else:  # another world size: fresh streams, still a function of the seed; and maybe another global batch
+        then = saved["config"]["batch_size"] * saved["config"]["accum_steps"] * len(rng)
+        now = state.cfg.batch_size * state.cfg.accum_steps * ctx.world_size
+        keep = "" if now == then else " (batch_size or accum_steps keep it)"
+        log.warning("resume: saved by %d process(es), now %d; random streams restart; %d samples per optimizer "
+                    "step then, %d now%s", len(rng), ctx.world_size, then, now, keep)  # fmt: skip
         seed_everything(state.cfg.seed + ctx.rank + 1_000_003 * state.step)
     if state.step >= state.cfg.max_steps:
         log.warning("resume: %s is at step %d, and max_steps is %d: nothing to train (raise max_steps to go on)",
