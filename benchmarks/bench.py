@@ -247,7 +247,7 @@ def measure_eval_and_save(mods, task, device, rounds, tmp: Path) -> dict:
 
     def our_eval() -> None:
         with task_installed(mods, task):
-            mods["evaluate"].evaluate(model, val_loader, device, precision)
+            mods["evaluate"].evaluate(model, val_loader, device, precision, cfg.task)
 
     plain_path, atomic_path = tmp / "plain.pt", tmp / "atomic.pt"
 

@@ -69,7 +69,7 @@ def lm_loss(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, i
     return F.cross_entropy(output.float().flatten(0, 1), target.flatten(), reduction="sum"), target.numel()
 
 
-def lm_totals(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor | int]:
+def lm_totals(output: torch.Tensor, target: torch.Tensor, task) -> dict[str, torch.Tensor | int]:
     loss_sum, tokens = lm_loss(output, target)
     # A token is right when its target's logit is the largest: argmax up to exact ties, and on
     # the CPU about 15x faster than argmax over a 256-token vocabulary.
@@ -77,7 +77,7 @@ def lm_totals(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Ten
     return {"loss": loss_sum, "right": right.sum(), "tokens": tokens}
 
 
-def lm_metrics(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def lm_metrics(totals: dict[str, torch.Tensor], task) -> dict[str, torch.Tensor]:
     return {"val_loss": totals["loss"] / totals["tokens"], "val_acc": totals["right"] / totals["tokens"]}
 
 

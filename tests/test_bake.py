@@ -19,10 +19,12 @@ from cookiecutter.main import cookiecutter
 
 from .conftest import BAKE_TIMES, DEFAULTS, TEMPLATE, bake
 
-# Four bakes cover every value of every choice variable (the first is all defaults).
+# Four bakes cover every value of every choice variable (the first is all defaults but its one-word name), and
+# names of one word, with a digit, and starting with one.
 BAKES = {
-    "defaults": {},
+    "digits": {"project_name": "Digits"},
     "accelerate-bf16-onecycle-apache": {
+        "project_name": "3D Vision",
         "loop": "accelerate",
         "precision": "bf16",
         "lr_schedule": "onecycle",
@@ -40,6 +42,7 @@ BAKES = {
 # Bake + smoke training, against the time this machine takes to import torch, measured right after: a
 # ratio holds on a busy machine, where both slow down, as a number of seconds does not. About 2 when idle.
 HOOK_TO_TORCH_IMPORT_LIMIT = 5.0
+YOUR_TASK_TESTS = "tests/test_your_task.py"
 
 
 class Baked:
@@ -170,20 +173,42 @@ def test_post_gen_hook_smoke_trains_or_skips_as_asked(baked):
     assert not (baked.path / "runs").exists()
 
 
-def test_baked_project_test_suite_passes(baked):
-    # The torchrun and torch.compile tests do not depend on the other options: the default bake runs them,
-    # and the Accelerate bake its torchrun tests.
-    full = {"defaults": [], "accelerate-bf16-onecycle-apache": ["-m", "not slow"]}
-    select = full.get(baked.name, ["-m", "not distributed and not slow"])
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select],
-        cwd=baked.path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+def reject_own_defaults(task_py: Path) -> None:
+    """Make task.py refuse its own settings, as a user's may on a machine without its data: building its
+    TaskConfig raises, and check_task_config finds a problem with any settings."""
+    problem = "task.text_file 'input.txt' does not exist"
+    task_py.write_text(
+        task_py.read_text()
+        + "\n\n_check = check_task_config\n\n\n@dataclass\nclass TaskConfig(TaskConfig):\n"
+        + f"    def __post_init__(self):\n        raise FileNotFoundError({problem!r})\n"
+        + f"\n\ndef check_task_config(task):\n    return [*_check(task), {problem!r}]\n"
     )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout.splitlines()[-1]
+
+
+def test_baked_project_test_suite_passes(baked, tmp_path):
+    # The torchrun and torch.compile tests do not depend on the other options: the first bake runs them, and the
+    # Accelerate bake its torchrun tests. Both run every loop test on a task.py that refuses its own defaults
+    # (the loop's tests never build the user's TaskConfig), and its own tests on the task.py baked.
+    full = {"digits": [], "accelerate-bf16-onecycle-apache": ["-m", "not slow"]}
+    runs = [(baked.path, full.get(baked.name, ["-m", "not distributed and not slow"]))]
+    if baked.name in full:
+        refusing = tmp_path / baked.path.name
+        shutil.copytree(baked.path, refusing)
+        reject_own_defaults(refusing / baked.package / "task.py")
+        own_run = subprocess.run([sys.executable, "-m", f"{baked.package}.train", "max_steps=1"], cwd=refusing,
+                                 capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert own_run.returncode == 1 and "task.text_file 'input.txt' does not exist" in own_run.stderr
+        runs = [(refusing, [*full[baked.name], "--ignore=tests/test_your_task.py"]), (baked.path, [YOUR_TASK_TESTS])]
+    for project, select in runs:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        assert " passed" in result.stdout.splitlines()[-1]
 
 
 def test_replaying_the_kept_answers_bakes_the_same_project(tmp_path, user_config):
@@ -222,6 +247,9 @@ def test_a_model_py_without_fsdp_units_still_trains(tmp_path, user_config):
         cwd=path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", YOUR_TASK_TESTS],
+                            cwd=path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:]
 
 
 @pytest.mark.parametrize(

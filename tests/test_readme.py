@@ -3,8 +3,8 @@
 Commands run in order in a baked project, as written, with these changes for a
 2-core CPU machine without a GPU or a cluster: training runs are cut to a few
 steps (overrides appended), GPU devices become the CPU, torchrun uses 2
-processes on this one machine, `accelerate launch --multi_gpu` one CPU process
-(it starts several only on GPUs), SLURM's srun/scontrol are stand-ins, and pytest
+processes on this one machine, `accelerate launch --multi_gpu` 2 CPU processes
+(as the README says it does without GPUs), SLURM's srun/scontrol are stand-ins, and pytest
 only collects (the suite itself runs in test_bake.py). Python snippets must compile.
 """
 
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import bake
 
@@ -44,7 +45,7 @@ def for_this_machine_command(command: str, package: str) -> str:
         return command + " --collect-only"
     if f"-m {package}.train" in command:
         command = re.sub(r"device=cuda(:\d+)?\b", "device=cpu", command)
-        command = command.replace("--multi_gpu --num_processes=8", "--cpu --num_processes=1")
+        command = command.replace("--multi_gpu --num_processes=8", "--multi_gpu --num_processes=2")
         command = command.replace("--nproc_per_node=8", "--nproc_per_node=2")
         command = command.replace("--nnodes=2", "--nnodes=1").replace("HOST0:29500", f"localhost:{free_port()}")
         command = re.sub(r"( resume=auto)", rf"\1 {SHORT_RUN}", command) if "resume=auto" in command else command
@@ -97,7 +98,9 @@ def test_the_accelerate_readmes_own_commands_run(project, tmp_path_factory, user
     own = [block for block in blocks((accelerate / "README.md").read_text(), "bash") if block not in plain]
     assert len(own) == 3 and any(block.startswith("accelerate launch") for block in own), own
     run_blocks(accelerate, own)
-    assert (accelerate / "runs" / "ddp" / "last.pt").exists() and (accelerate / "runs" / "ddp-cpu" / "last.pt").exists()
+    for run in ("ddp", "ddp-cpu"):  # accelerate launch --multi_gpu, then torchrun: 2 processes each
+        saved = torch.load(accelerate / "runs" / run / "last.pt", weights_only=True)
+        assert len(saved["rng"]) == 2, run  # the random streams of each process
 
 
 def test_readme_python_snippets_compile(project):

@@ -167,7 +167,7 @@ def main() -> int:
 
     if os.environ.get("PROBE_EXTRA_TOTAL_ON") == str(rank):
         real_totals = evaluate_module.metric_totals
-        evaluate_module.metric_totals = lambda output, target: {**real_totals(output, target), "extra": 1.0}
+        evaluate_module.metric_totals = lambda output, target, task: {**real_totals(output, target, task), "extra": 1.0}
     if os.environ.get("PROBE_SIGTERM_IN_EVAL") == str(rank):
         evaluate_module.metric_totals = SignalOnCall(evaluate_module.metric_totals, 2)  # in the second batch
 

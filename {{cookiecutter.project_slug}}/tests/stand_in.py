@@ -1,10 +1,11 @@
 """The task the loop's guarantee tests train: the tests' own, not yours.
 
 Every test file except test_your_task.py runs the loop on this task, put in
-place through the same seams you edit (build_datasets, build_model,{% if cookiecutter.loop == "plain" %} fsdp_units,{% endif %}
-compute_loss, metric_totals, compute_metrics, METRIC_GOALS), with the loop
-settings in ``LOOP`` instead of your configs. So when you replace data.py,
-model.py, task.py and the configs, these tests still prove the loop.
+place through the same seams you edit (TaskConfig, check_task_config,
+build_datasets, build_model,{% if cookiecutter.loop == "plain" %} fsdp_units,{% endif %} compute_loss, metric_totals,
+compute_metrics, METRIC_GOALS), with the loop settings in ``LOOP`` instead of
+your configs. So when you replace data.py, model.py, task.py and the configs,
+these tests still prove the loop: they never build or check your TaskConfig.
 
 The task is next-token prediction on sequences of different lengths, padded
 to ``MAX_LEN``, with the padding's targets masked (``IGNORE``): every batch holds
@@ -14,12 +15,14 @@ a different number of loss terms, as in language-model training.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from {{ cookiecutter.package_name }} import config as config_module
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import plot as plot_module
 from {{ cookiecutter.package_name }} import train as train_module
@@ -43,6 +46,17 @@ LOOP = [
     *("optimizer=adamw", "lr_multipliers=", "beta1=0.9", "beta2=0.999", "eps=1e-8", "momentum=0.9", "tracker=none"),
 ]
 METRIC_GOALS = {"val_loss": "min", "val_acc": "max", "val_class_acc": "max"}
+
+
+@dataclass
+class TaskConfig:
+    """The tests' task settings: the config's ``task:`` group in every guarantee test."""
+
+    vocab: int = VOCAB  # the metrics count tokens of this vocabulary, one total per token
+
+
+def check_task_config(task: TaskConfig) -> list[str]:
+    return [] if task.vocab >= VOCAB else [f"task.vocab must be >= {VOCAB}, got {task.vocab}"]
 
 
 class Sequences(Dataset):
@@ -94,17 +108,17 @@ def compute_loss(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     return loss_sum, (target != IGNORE).sum()
 
 
-def metric_totals(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+def metric_totals(output: torch.Tensor, target: torch.Tensor, task: TaskConfig) -> dict[str, torch.Tensor]:
     """The loss's sum, and per target token (a vector: totals may have any shape) how many and how many right."""
     loss_sum, _ = compute_loss(output, target)
     real = target != IGNORE
     right = output.argmax(dim=-1)[real] == target[real]
-    per_token = torch.bincount(target[real], minlength=VOCAB)
-    right_per_token = torch.bincount(target[real], weights=right.double(), minlength=VOCAB)
+    per_token = torch.bincount(target[real], minlength=task.vocab)
+    right_per_token = torch.bincount(target[real], weights=right.double(), minlength=task.vocab)
     return {"loss": loss_sum, "tokens": per_token, "right": right_per_token}
 
 
-def compute_metrics(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def compute_metrics(totals: dict[str, torch.Tensor], task: TaskConfig) -> dict[str, torch.Tensor]:
     tokens, right = totals["tokens"], totals["right"]
     seen = tokens > 0
     return {
@@ -116,6 +130,8 @@ def compute_metrics(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def install(set_attribute=setattr) -> None:
     """Put this task in the loop's seams; ``set_attribute``: pytest's ``monkeypatch.setattr`` in tests."""
+    set_attribute(config_module, "TaskConfig", TaskConfig)
+    set_attribute(config_module, "check_task_config", check_task_config)
     for module in (train_module, evaluate_module):
         set_attribute(module, "build_datasets", build_datasets)
         set_attribute(module, "build_model", build_model)

@@ -20,11 +20,13 @@ from {{ cookiecutter.package_name }}.seed import rng_state, set_rng_state
 {%- if cookiecutter.loop == "plain" %}
 from {{ cookiecutter.package_name }}.train import train
 
+from . import stand_in
 from .conftest import checkpoint, first_moments, train_records
 {%- else %}
 from {{ cookiecutter.package_name }}.train import main, train
 
-from .conftest import checkpoint, cli, first_moments, train_records
+from . import stand_in
+from .conftest import assert_same_weights, checkpoint, cli, first_moments, train_records
 {%- endif %}
 
 
@@ -111,7 +113,7 @@ def test_a_tensor_cached_during_evaluation_can_be_trained_through():
 
     model = LazyScale()
     data = [(torch.randn(8, 4), torch.randint(3, (8,)))]
-    evaluate(model, data, torch.device("cpu"), Precision("fp32", "cpu"))
+    evaluate(model, data, torch.device("cpu"), Precision("fp32", "cpu"), stand_in.TaskConfig())
     F.cross_entropy(model(torch.randn(8, 4)), torch.randint(3, (8,))).backward()
     assert model.linear.weight.grad is not None
 
@@ -143,6 +145,54 @@ def test_fp16_on_the_cpu_trains_in_fp32_and_says_so(make_config, caplog):
     assert "Accelerate has no fp16 autocast on the CPU; training in fp32" in caplog.text
     assert [r["skipped"] for r in train_records(cfg.out_dir)] == [0] * 4  # no GradScaler searching its scale
     assert first_moments(checkpoint(cfg.out_dir))["step"] == 4
+
+
+def with_a_grad_scaler(prepare):
+    """``accelerator.prepare``, then Accelerate's fp16 GradScaler in place, as on a GPU: the loss scaled up in
+    backward, unscaled before clipping, the step taken through the scaler. The forward stays in fp32 (the CPU
+    has no fp16 autocast here), so scaling by a power of two changes no number when the order is right."""
+
+    def prepare_with_scaler(*objects):
+        accelerator = prepare.__self__
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        prepared = prepare(*objects)  # the optimizer is prepared with the scaler; the model without autocast
+        accelerator.native_amp, accelerator.state._mixed_precision = True, "fp16"
+        return prepared
+
+    return prepare_with_scaler
+
+
+def test_under_fp16s_grad_scaler_clipping_sees_the_unscaled_gradients(make_config, monkeypatch):
+    run = ["precision=fp32", "max_steps=8", "warmup_steps=0", "log_every=1", "clip_grad_norm=0.5"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    real_setup, scales = train_module.distributed.setup, []
+
+    def setup_with_scaler(cfg):
+        ctx = real_setup(cfg)
+        monkeypatch.setattr(ctx.accelerator, "prepare", with_a_grad_scaler(ctx.accelerator.prepare))
+        monkeypatch.setattr(ctx.accelerator, "clip_grad_norm_", spy_scale(ctx.accelerator, scales))
+        return ctx
+
+    monkeypatch.setattr(train_module.distributed, "setup", setup_with_scaler)
+    scaled = make_config(*run, name="scaled")
+    train(scaled)
+    assert scales == [2.0**12] * 8  # every step ran under the scaler, none skipped (it would halve the scale)
+    # Clipping before unscaling would log norms 4096 times larger, and clip the gradients far more.
+    assert [r["grad_norm"] for r in train_records(scaled.out_dir)] == [
+        r["grad_norm"] for r in train_records(reference.out_dir)
+    ]
+    assert_same_weights(checkpoint(reference.out_dir)["model"], checkpoint(scaled.out_dir)["model"])
+
+
+def spy_scale(accelerator, scales: list[float]):
+    real_clip = accelerator.clip_grad_norm_
+
+    def clip(*args, **kwargs):
+        scales.append(accelerator.scaler.get_scale())
+        return real_clip(*args, **kwargs)
+
+    return clip
 
 
 @pytest.mark.parametrize(

@@ -283,7 +283,7 @@ def test_metrics_are_computed_once_from_the_whole_sets_totals(make_config):
     val_set = torch.utils.data.Subset(val_set, range(100))
     model = stand_in.build_model(cfg).eval()
     loader = torch.utils.data.DataLoader(val_set, batch_size=7)
-    metrics = evaluate(model, loader, torch.device("cpu"), Precision("fp32", "cpu"))
+    metrics = evaluate(model, loader, torch.device("cpu"), Precision("fp32", "cpu"), cfg.task)
     with torch.no_grad():
         output = torch.cat([model(inputs) for inputs, _ in loader])
     targets = torch.cat([targets for _, targets in loader])
@@ -296,11 +296,23 @@ def test_metrics_are_computed_once_from_the_whole_sets_totals(make_config):
     assert metrics["val_loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_the_task_settings_reach_metric_totals_and_compute_metrics(make_config, monkeypatch):
+    seen = []
+
+    def spy(totals, task):
+        seen.append((task.vocab, tuple(totals["tokens"].shape)))  # counted per token of task.vocab, in metric_totals
+        return stand_in.compute_metrics(totals, task)
+
+    monkeypatch.setattr(evaluate_module, "compute_metrics", spy)
+    train(make_config("task.vocab=20", "max_steps=2", "warmup_steps=0", "eval_every=2"))
+    assert seen == [(20, (20,))]
+
+
 def test_metric_totals_that_change_shape_between_batches_are_one_line_before_anything_is_saved(
     make_config, monkeypatch
 ):
     # A per-class count without minlength: as long as the largest class the batch holds, so batches differ.
-    def per_class_without_minlength(output, target):
+    def per_class_without_minlength(output, target, task):
         return {"tokens": torch.bincount(target[target != stand_in.IGNORE])}
 
     monkeypatch.setattr(evaluate_module, "metric_totals", per_class_without_minlength)

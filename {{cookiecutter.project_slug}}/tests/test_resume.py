@@ -149,6 +149,20 @@ def test_a_stop_during_evaluation_saves_at_once_and_the_resumed_run_evaluates_fi
     assert_same_run(reference.out_dir, interrupted.out_dir)
 
 
+def test_a_stop_while_the_run_sets_up_is_saved_after_the_first_step(make_config, monkeypatch):
+    run = ["max_steps=6", "warmup_steps=0", "eval_every=3", "ckpt_every=6", "log_every=1"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    interrupted = make_config(*run, name="interrupted")
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "build_datasets", SignalOnCall(train_module.build_datasets, 1))
+        summary = train(interrupted)
+    assert (summary["step"], summary["exit_code"]) == (1, 143)
+    assert (Path(interrupted.out_dir) / "stopped_by_signal").exists() and checkpoint(interrupted.out_dir)["step"] == 1
+    train(make_config(*run, "resume=auto", name="interrupted"))
+    assert_same_run(reference.out_dir, interrupted.out_dir)
+
+
 def start_training(
     out_dir: Path, *overrides: str, new_session: bool = False, augment: bool = False
 ) -> subprocess.Popen:

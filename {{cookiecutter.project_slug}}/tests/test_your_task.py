@@ -18,14 +18,14 @@ from {{ cookiecutter.package_name }}.config import load_config
 from {{ cookiecutter.package_name }}.data import build_datasets
 from {{ cookiecutter.package_name }}.evaluate import evaluate
 from {{ cookiecutter.package_name }}.metrics import read_metrics
-{%- if cookiecutter.loop == "plain" %}
-from {{ cookiecutter.package_name }}.model import build_model, fsdp_units
-{%- else %}
 from {{ cookiecutter.package_name }}.model import build_model
-{%- endif %}
 from {{ cookiecutter.package_name }}.precision import Precision
 from {{ cookiecutter.package_name }}.task import METRIC_GOALS, compute_loss, compute_metrics, metric_totals
+{%- if cookiecutter.loop == "plain" %}
+from {{ cookiecutter.package_name }}.train import fsdp_units, train  # model.py's, or the default when it has none
+{%- else %}
 from {{ cookiecutter.package_name }}.train import train
+{%- endif %}
 
 from .conftest import ROOT
 
@@ -76,13 +76,14 @@ def test_the_metrics_add_up_over_batches(smoke):
     half = len(inputs) // 2
     with torch.no_grad():
         output = model(inputs)
-        whole = metric_totals(output, targets)
-        first, second = metric_totals(output[:half], targets[:half]), metric_totals(output[half:], targets[half:])
+        whole = metric_totals(output, targets, cfg.task)
+        first = metric_totals(output[:half], targets[:half], cfg.task)
+        second = metric_totals(output[half:], targets[half:], cfg.task)
     for name, value in whole.items():
         added = torch.as_tensor(first[name], dtype=torch.float64) + torch.as_tensor(second[name], dtype=torch.float64)
         torch.testing.assert_close(torch.as_tensor(value, dtype=torch.float64), added, rtol=1e-4, atol=1e-4)
     totals = {name: torch.as_tensor(value, dtype=torch.float64) for name, value in whole.items()}
-    metrics = compute_metrics(totals)
+    metrics = compute_metrics(totals, cfg.task)
     assert set(metrics) == set(METRIC_GOALS), "METRIC_GOALS (task.py) names every metric, with its direction"
     assert set(METRIC_GOALS.values()) <= {"min", "max"}
     assert cfg.monitor in metrics, f"configs/smoke.yaml monitors '{cfg.monitor}', which task.py does not measure"
@@ -92,7 +93,7 @@ def test_smoke_training_learns(smoke):
     cfg, untrained, _, _ = smoke
     _, val_set = build_datasets(cfg)
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size)
-    before = evaluate(untrained, val_loader, torch.device("cpu"), Precision("fp32", "cpu"))
+    before = evaluate(untrained, val_loader, torch.device("cpu"), Precision("fp32", "cpu"), cfg.task)
     summary = train(cfg)
     losses = [r["loss"] for r in read_metrics(Path(cfg.out_dir) / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < losses[0], losses

@@ -51,7 +51,7 @@ class Config:
     debug: bool = False  # a few steps, one evaluation, one save, in out_dir + "-debug": every code path in seconds
 
     # --- the task: data, model, loss and metrics (TaskConfig in task.py; yours to replace) ---
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig = field(default_factory=lambda: TaskConfig())  # looked up when made: the tests swap the task
     num_workers: int = 0  # DataLoader worker processes per training process
 
     # --- optimisation ---
@@ -102,13 +102,14 @@ def _type_name(kind: Any) -> str:
     return kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
 
 
-# Every key, as written on the command line (task settings as task.<name>), and its type's name.
-FIELD_TYPES = {f.name: _type_name(f.type) for f in fields(Config) if f.name != "task"}
-FIELD_TYPES.update({f"task.{f.name}": _type_name(f.type) for f in fields(TaskConfig)})
+def field_types() -> dict[str, str]:
+    """Every key, as written on the command line (task settings as task.<name>), and its type's name."""
+    types = {f.name: _type_name(f.type) for f in fields(Config) if f.name != "task"}
+    return types | {f"task.{f.name}": _type_name(f.type) for f in fields(TaskConfig)}
 
 
 def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, FIELD_TYPES, n=1)
+    close = difflib.get_close_matches(name, field_types(), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -125,7 +126,7 @@ _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number"
 
 def typed(key: str, value: Any) -> Any:
     """``value``, as YAML read it, checked against the type of field ``key`` (an int is a float where one goes)."""
-    kind = FIELD_TYPES[key]
+    kind = field_types()[key]
     if kind == "float" and type(value) is int:
         return float(value)
     if kind == "str" and value is None:  # an empty value: `resume:` in a file
@@ -152,7 +153,7 @@ def flatten(values: dict[str, Any]) -> dict[str, Any]:
 
 def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     for key, raw in flatten(values).items():
-        if key not in FIELD_TYPES:
+        if key not in field_types():
             raise ConfigError(f"unknown config key '{key}'{_suggest(key)}")
         group, _, name = key.rpartition(".")
         setattr(cfg.task if group else cfg, name, typed(key, raw))
@@ -161,14 +162,14 @@ def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """``key=value`` arguments: each value read by YAML's rules (a string field's value as written)."""
-    values = {}
+    values, types = {}, field_types()
     for arg in args:
         key, sep, text = arg.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{arg}' is not key=value (e.g. lr=1e-3)")
         try:
-            values[key] = text.strip() if FIELD_TYPES.get(key) == "str" else yaml.load(text, Loader=YamlLoader)
+            values[key] = text.strip() if types.get(key) == "str" else yaml.load(text, Loader=YamlLoader)
         except yaml.YAMLError:
             raise ConfigError(f"override '{arg}': the value is not valid YAML") from None
     return values
@@ -228,11 +229,11 @@ def config_from_dict(values: dict[str, Any], source: str = "the checkpoint") -> 
     Keys that ``Config`` no longer has (removed since the checkpoint was saved) are named in a
     warning and ignored, so that an older checkpoint still evaluates when its model loads.
     """
-    values = flatten(values)
-    unknown = [key for key in values if key not in FIELD_TYPES]
+    values, types = flatten(values), field_types()
+    unknown = [key for key in values if key not in types]
     if unknown:
         log.warning("%s: config key(s) %s are not in Config any more; ignored", source, ", ".join(unknown))
-    cfg = apply_overrides(Config(), {key: value for key, value in values.items() if key in FIELD_TYPES})
+    cfg = apply_overrides(Config(), {key: value for key, value in values.items() if key in types})
     validate(cfg)
     return cfg
 

@@ -26,7 +26,7 @@ from .data import build_datasets
 from .loader import build_loaders
 from .model import build_model
 from .precision import Precision, resolve_device, resolve_precision
-from .task import compute_metrics, metric_totals
+from .task import TaskConfig, compute_metrics, metric_totals
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,12 @@ log = logging.getLogger(__name__)
 # masks) would otherwise become an inference tensor and break the next training backward.
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision,
+    model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision, task: TaskConfig,
     stop: Callable[[int], bool] | None = None,
 ) -> dict[str, float] | None:  # fmt: skip
     """The task's metrics over the whole validation set: ``metric_totals`` added up over every batch
-    (and every process), then ``compute_metrics`` once, read back once at the end.
+    (and every process), then ``compute_metrics`` once, read back once at the end. ``task``: the
+    config's task settings (``cfg.task``), which both receive.
 
     ``stop(batch_index)`` is asked before each batch: True abandons the evaluation (returns None),
     so that a preempted job saves at once instead of after a long evaluation.
@@ -60,7 +61,7 @@ def evaluate(
             with precision.autocast():
                 output = model(inputs)
             batch = {name: torch.as_tensor(value, device=device).to(dtype)
-                     for name, value in metric_totals(output, targets).items()}  # fmt: skip
+                     for name, value in metric_totals(output, targets, task).items()}  # fmt: skip
             problem = problem or layout_problem(totals, batch, index)
             if not problem:
                 totals = {name: totals[name] + value if totals else value for name, value in batch.items()}
@@ -81,7 +82,7 @@ def evaluate(
                           "the same shape (count per class with torch.bincount(..., minlength=...))")  # fmt: skip
     if distributed:
         totals = sum_over_processes(totals)  # the whole set's totals, not a mean of the shards' metrics
-    metrics = compute_metrics(totals)
+    metrics = compute_metrics(totals, task)
     values = torch.stack([torch.as_tensor(value, device=device).to(dtype) for value in metrics.values()])
     return dict(zip(metrics, values.tolist(), strict=True))
 
@@ -134,7 +135,7 @@ def evaluate_state(state: dict, path: str | Path, overrides: list[str] | None = 
     model.to(device)
     train_set, val_set = build_datasets(cfg)
     _, val_loader = build_loaders(cfg, train_set, val_set, device)
-    return evaluate(model, val_loader, device, precision)
+    return evaluate(model, val_loader, device, precision, cfg.task)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,11 +73,14 @@ class Progress:
         self.started = self.last_time = time.perf_counter()
         self.last_step, self.last_excluded = step, 0.0
         self.samples_per_second = self.steps_per_second = 0.0
+        self.first_step = step
+        self.timed_from = (step, self.started, 0.0)  # the run's throughput counts from: (step, time, excluded)
 
     def restart_window(self, step: int, excluded: float) -> None:
-        """Measure throughput from here: called after the first step, whose start-up (DataLoader workers, lazy
-        initialisation) is not training speed."""
+        """Measure throughput from here, the bar's and the run's: called after the first step, whose start-up
+        (compiling, DataLoader workers, lazy initialisation) is not training speed."""
         self.last_step, self.last_time, self.last_excluded = step, time.perf_counter(), excluded
+        self.timed_from = (step, self.last_time, excluded)
 
     def update(self, step: int, loss: float | None, lr: float, grad_norm: float | None, excluded: float) -> None:
         """``loss`` is the mean over the steps since the last update; ``excluded``: seconds so far spent
@@ -102,10 +105,16 @@ class Progress:
                 f"{self.samples_per_second:,.0f}", clock(now - self.started), clock(left),
             )  # fmt: skip
 
-    def close(self, step: int) -> None:
-        """``step``: where the run ended (a signal may stop it between log steps): the bar shows it."""
+    def close(self, step: int, excluded: float) -> tuple[float, int]:
+        """``step``: where the run ended (a signal may stop it between log steps): the bar shows it. Returns the
+        seconds spent training and the samples trained, from the end of the first step (unless it was the only one)."""
         self.bar.update(step - self.bar.n)
         self.bar.close()
+        step_from, time_from, excluded_from = self.timed_from
+        if step == step_from:  # the first step was the only one: timed with its start-up
+            step_from, time_from, excluded_from = self.first_step, self.started, 0.0
+        seconds = time.perf_counter() - time_from - (excluded - excluded_from)
+        return seconds, (step - step_from) * self.samples_per_step
 
 
 def summarize(summary: dict[str, Any], out_dir: Path) -> None:

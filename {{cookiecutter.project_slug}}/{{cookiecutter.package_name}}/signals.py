@@ -26,11 +26,11 @@ def exit_status(reason: int) -> int:
 
 
 class StopRequest:
-    """``deadline``: a ``time.perf_counter()`` value past which the run is asked to stop (None: never)."""
+    """``max_time_minutes``: the run is asked to stop that long after this is made (0: never)."""
 
-    def __init__(self, deadline: float | None = None) -> None:
+    def __init__(self, max_time_minutes: float = 0.0) -> None:
         self.signum: int | None = None
-        self.deadline = deadline
+        self.deadline = time.perf_counter() + 60 * max_time_minutes if max_time_minutes else None
         self._previous: dict[int, object] = {}
 
     def reason(self) -> int:

@@ -11,10 +11,11 @@ The loop relies on this contract, whatever the task:
   and every process, so accumulation and torchrun are exact even when batches
   hold different numbers of terms (padding, masked targets). A batch with no
   terms gives (0, 0) and adds nothing.
-- ``metric_totals(output, target)`` returns, per validation batch, tensors that
-  ADD UP over batches and processes (sums, counts, a confusion matrix...);
-  ``compute_metrics(totals)`` turns the totals over the whole validation set
-  into the reported metrics, once per evaluation.
+- ``metric_totals(output, target, task)`` returns, per validation batch,
+  tensors that ADD UP over batches and processes (sums, counts, a confusion
+  matrix...); ``compute_metrics(totals, task)`` turns the totals over the whole
+  validation set into the reported metrics, once per evaluation. ``task`` is
+  ``cfg.task``, these settings.
 - ``METRIC_GOALS`` says which way each metric improves: ``best.pt`` follows the
   config's ``monitor`` in that direction.
 """
@@ -57,7 +58,7 @@ def compute_loss(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     return F.cross_entropy(output.float(), target, reduction="sum"), target.numel()
 
 
-def metric_totals(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor | int]:
+def metric_totals(output: torch.Tensor, target: torch.Tensor, task: TaskConfig) -> dict[str, torch.Tensor | int]:
     return {
         "loss": F.cross_entropy(output.float(), target, reduction="sum"),
         "correct": (output.argmax(dim=-1) == target).sum(),
@@ -65,5 +66,5 @@ def metric_totals(output: torch.Tensor, target: torch.Tensor) -> dict[str, torch
     }
 
 
-def compute_metrics(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def compute_metrics(totals: dict[str, torch.Tensor], task: TaskConfig) -> dict[str, torch.Tensor]:
     return {"val_loss": totals["loss"] / totals["samples"], "val_acc": totals["correct"] / totals["samples"]}

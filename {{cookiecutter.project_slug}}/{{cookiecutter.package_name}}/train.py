@@ -195,7 +195,7 @@ def validate(
     None: a stop request abandoned the evaluation (see ``evaluate``); the run saves and stops, and
     its resumption evaluates this step first.
     """
-    metrics = evaluate(state.model, val_loader, ctx.device, precision, stop)
+    metrics = evaluate(state.model, val_loader, ctx.device, precision, state.cfg.task, stop)
     state.eval_due = metrics is None
     if metrics is None:
         return None
@@ -284,8 +284,9 @@ def set_up(cfg: Config, ctx: distributed.Dist, precision: Precision) -> tuple[Tr
 def train(cfg: Config) -> dict[str, Any]:
     """Train as ``cfg`` says; return a summary. Raises ConfigError, CheckpointError or TrainingError."""
     ctx = distributed.setup(cfg)
-    try:
-        summary = run(cfg, ctx)
+    try:  # stop requests (SIGTERM, Ctrl-C, the time limit) from here: one during set-up stops after the first step
+        with StopRequest(cfg.max_time_minutes) as stop:
+            summary = run(cfg, ctx, stop)
     except BaseException:
         distributed.cleanup(ctx, wait_for_others=False)
         raise
@@ -293,7 +294,7 @@ def train(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def run(cfg: Config, ctx: distributed.Dist) -> dict[str, Any]:
+def run(cfg: Config, ctx: distributed.Dist, stop: StopRequest) -> dict[str, Any]:
     """Set up; then the loop: one train_step per optimizer step, and between steps whatever is due."""
     started = time.perf_counter()
     precision = resolve_precision(cfg.precision, ctx.device)
@@ -304,7 +305,6 @@ def run(cfg: Config, ctx: distributed.Dist) -> dict[str, Any]:
     best, latest = Path(cfg.out_dir) / "best.pt", run_folder.latest_checkpoint(cfg)
     if state.eval_due and validate(state, val_loader, ctx, precision, metrics_log):
         save_best(best, state, ctx)  # the evaluation a stop request cut short, done as the uninterrupted run did
-    stop = StopRequest(deadline=started + 60 * cfg.max_time_minutes if cfg.max_time_minutes else None)
     stop_evaluation = evaluation_stopper(stop, ctx, len(val_loader.dataset), cfg.batch_size)
     stop_agreement = distributed.AgreedNextStep(ctx)
     start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
@@ -312,8 +312,7 @@ def run(cfg: Config, ctx: distributed.Dist) -> dict[str, Any]:
     progress = Progress(cfg, state.step, cfg.batch_size * cfg.accum_steps * ctx.world_size, ctx.is_main)
     # While the bar is drawn, log lines are written above it instead of through it.
     redirect = logging_redirect_tqdm() if progress.show_bar else contextlib.nullcontext()
-    with stop, redirect:
-        loop_started = time.perf_counter()
+    with redirect:
         while state.step < cfg.max_steps:
             train_step(state, ctx, precision)
             if state.step == start_step + 1:  # throughput from here on: the first step also started things up
@@ -351,10 +350,8 @@ def run(cfg: Config, ctx: distributed.Dist) -> dict[str, Any]:
                 run_folder.announce_stop(state, ctx, stop_reason)
                 break
         stop_agreement.settle()
-        train_seconds = time.perf_counter() - loop_started - outside_seconds
-        progress.close(state.step)
+        train_seconds, samples = progress.close(state.step, outside_seconds)
     metrics_log.close()
-    samples = (state.step - start_step) * progress.samples_per_step
     return run_folder.finish(state, time.perf_counter() - started, train_seconds, samples, stop_reason)
 
 
