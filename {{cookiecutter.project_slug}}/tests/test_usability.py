@@ -109,7 +109,7 @@ def test_the_bar_ends_at_the_step_the_run_stopped(make_config, monkeypatch):
     bar = Progress(make_config("max_steps=100"), 0, 32, is_main=True)
     assert bar.show_bar
     bar.update(50, 0.5, 1e-3, 1.0, 0.0)
-    bar.close(57)  # a signal stopped the run between log steps
+    bar.close(57, 0.0)  # a signal stopped the run between log steps
     assert bar.bar.n == 57
 
 
