@@ -160,9 +160,11 @@ def bare_loop(mods, task, cfg, device) -> float:
     batches, _ = mods["loader"].build_loaders(cfg, train_set, val_set, device)
     precision = mods["precision"].resolve_precision(cfg.precision, device)
     model.train()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(cfg.max_steps):
+    started = 0.0
+    for step in range(cfg.max_steps):
+        if step == 1:  # timed from the end of the first step, as the loop's throughput is: it also starts things up
+            synchronize(device)
+            started = time.perf_counter()
         for _ in range(cfg.accum_steps):
             inputs, targets = next(batches)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -175,17 +177,22 @@ def bare_loop(mods, task, cfg, device) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     synchronize(device)
-    return cfg.max_steps / (time.perf_counter() - started)
+    return (cfg.max_steps - 1) / (time.perf_counter() - started)
 
 
 def generated_loop(mods, task, cfg) -> float:
     with task_installed(mods, task):
         summary = mods["train"].train(cfg)
-    return cfg.max_steps / summary["train_seconds"]
+    return (cfg.max_steps - 1) / summary["train_seconds"]  # the steps after the first, which train_seconds times
 
 
 def accelerate_loop(mods, task, cfg) -> float:
-    return generated_loop(mods["accelerate"], task, cfg)  # the same config: both projects read the same fields
+    from accelerate.state import AcceleratorState
+
+    try:
+        return generated_loop(mods["accelerate"], task, cfg)  # the same config: both projects read the same fields
+    finally:  # Accelerate sets its state (the precision) once per process; each run here chooses its own
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def synchronize(device) -> None:

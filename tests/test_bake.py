@@ -205,7 +205,7 @@ def test_baked_project_test_suite_passes(baked, tmp_path):
             cwd=project,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=1800,  # a whole suite, on a machine other jobs may keep busy (its tests have their own limits)
         )
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         assert " passed" in result.stdout.splitlines()[-1]

@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+{%- if cookiecutter.loop == "accelerate" %}
+from accelerate.state import AcceleratorState
+{%- endif %}
 
 from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import train as train_module
@@ -25,6 +28,18 @@ def stand_in_task(request, monkeypatch):
     """Every test runs the loop on the tests' own task (stand_in.py), except those marked your_task."""
     if request.node.get_closest_marker("your_task") is None:
         stand_in.install(monkeypatch.setattr)
+
+
+{%- if cookiecutter.loop == "accelerate" %}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate sets its state (the precision) once per process, and these tests train many times in one: each
+    test starts with none, as a new process would (Accelerate's own tests reset it so)."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+{%- endif %}
 
 
 @pytest.fixture

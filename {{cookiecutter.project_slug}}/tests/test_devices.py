@@ -195,6 +195,27 @@ def spy_scale(accelerator, scales: list[float]):
     return clip
 
 
+@pytest.mark.parametrize("plugin", ["FSDP", "DEEPSPEED"])
+def test_accelerate_launch_with_fsdp_or_deepspeed_is_one_line_exit_2(tmp_path, capsys, monkeypatch, plugin):
+    # What accelerate launch sets for such a config; on a CPU, Accelerate itself would run DDP in FSDP's place.
+    monkeypatch.setenv(f"ACCELERATE_USE_{plugin}", "true")
+    assert main(cli(tmp_path / "run")) == 2
+    assert capsys.readouterr().err == (
+        f"error: accelerate launch is configured for {plugin}; this loop runs one process or DDP: run `accelerate "
+        "config` again without it, or launch with torchrun\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_run_in_one_process_with_another_precision_is_one_line(tmp_path, capsys):
+    # Accelerate sets its state once per process: the second run cannot change it.
+    assert main(cli(tmp_path / "fp32", "precision=fp32", "max_steps=2", "warmup_steps=0")) == 0
+    assert main(cli(tmp_path / "bf16", "precision=bf16", "max_steps=2", "warmup_steps=0")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Accelerate: AcceleratorState has already been initialized") and err.count("\n") == 1
+    assert not (tmp_path / "bf16").exists()
+
+
 @pytest.mark.parametrize(
     ("setting", "advice"), [("device=cuda:1", "CUDA_VISIBLE_DEVICES"), ("parallel=fsdp", "use parallel=ddp")]
 )

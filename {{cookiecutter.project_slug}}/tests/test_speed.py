@@ -1,9 +1,4 @@
-{% if cookiecutter.loop == "plain" -%}
 """The hot loop stays on the device: values are read back only at log, evaluation and save steps."""
-{%- else -%}
-"""The hot loop stays on the device but for the non-finite guard's flag, read once per step (Accelerate's
-optimizer step has no on-device skip); the other values are read only at log, evaluation and save steps."""
-{%- endif %}
 
 from __future__ import annotations
 
@@ -28,11 +23,7 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__f
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # fp16: a GPU's (Accelerate runs it as fp32 on the CPU)
 {%- endif %}
-{%- if cookiecutter.loop == "plain" %}
 def test_no_host_reads_between_log_steps(make_config, monkeypatch, precision):
-{%- else %}
-def test_one_host_read_per_step_between_log_steps(make_config, monkeypatch, precision):
-{%- endif %}
     step = {"n": 0}
     reads: collections.Counter = collections.Counter()
     host_tensors: collections.Counter = collections.Counter()  # tensors built from Python values (a copy to a GPU)
@@ -61,14 +52,8 @@ def test_one_host_read_per_step_between_log_steps(make_config, monkeypatch, prec
     train(make_config(f"precision={precision}", "max_steps=40", "warmup_steps=0", "log_every=10",
                       "eval_every=1000", "ckpt_every=1000"))  # fmt: skip
     monkeypatch.undo()
-{%- if cookiecutter.loop == "plain" %}
     assert {s for s in reads if s % 10} == set(), f"reads at steps {sorted(reads.items())}"
     assert [reads[s] for s in (10, 20, 30)] == [1, 1, 1]  # one read per log interval
-{%- else %}
-    guard_reads = {s: 1 for s in range(1, 40) if s % 10}  # the non-finite guard's flag
-    assert {s: n for s, n in reads.items() if s % 10} == guard_reads, f"reads at steps {sorted(reads.items())}"
-    assert [reads[s] for s in (10, 20, 30)] == [2, 2, 2]  # the guard's, and one per log interval
-{%- endif %}
     assert reads[40] <= 6  # the last step also evaluates and saves (fp16: the GradScaler's state too)
     assert {s for s in host_tensors if s % 10} == set(), f"tensors from host values at {sorted(host_tensors.items())}"
 

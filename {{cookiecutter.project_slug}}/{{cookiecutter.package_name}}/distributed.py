@@ -43,7 +43,6 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 {%- else %}
 from accelerate import Accelerator, DistributedType
-from accelerate.state import AcceleratorState
 {%- endif %}
 
 from .config import Config, ConfigError
@@ -87,11 +86,14 @@ class Dist:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
         return int(flag.item())
 
+{%- if cookiecutter.loop == "plain" %}
+
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over all ranks, on their device: no host sync (identity when alone)."""
         if self.enabled:
             dist.all_reduce(values)
         return values
+{%- endif %}
 
     def barrier(self) -> None:
         if self.enabled:
@@ -234,6 +236,12 @@ def setup(cfg: Config) -> Dist:
     """The Accelerator for this config: its device, its processes (accelerate launch or torchrun), its precision."""
     if cfg.parallel != "ddp":
         raise ConfigError("parallel=fsdp is not in this project's Accelerate loop, which runs DDP: use parallel=ddp")
+    # An accelerate config with FSDP or DeepSpeed would say otherwise; on a CPU, Accelerate would even run DDP
+    # in its place without a word (it shards only on GPUs).
+    for plugin in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{plugin}", "").lower() == "true":
+            raise ConfigError(f"accelerate launch is configured for {plugin}; this loop runs one process or DDP: "
+                              "run `accelerate config` again without it, or launch with torchrun")  # fmt: skip
     if cfg.device.startswith("cuda:"):
         raise ConfigError(
             f"device '{cfg.device}': Accelerate gives each process its GPU; use device=cuda (or auto) "
@@ -247,12 +255,14 @@ def setup(cfg: Config) -> Dist:
         # Accelerate joins rather than starts, on the GPU it will give this process (cuda:LOCAL_RANK)
         local = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else device
         join_group(local, cfg.dist_timeout_minutes)
-    accelerator = Accelerator(
-        cpu=device.type == "cpu",  # also what makes torchrun's CPU processes one group (gloo)
-        mixed_precision={"fp32": "no"}.get(precision.name, precision.name),
-    )
+    try:
+        accelerator = Accelerator(
+            cpu=device.type == "cpu",  # also what makes torchrun's CPU processes one group (gloo)
+            mixed_precision={"fp32": "no"}.get(precision.name, precision.name),
+        )
+    except ValueError as e:  # Accelerate sets its state once per process: another precision in a second run here
+        raise ConfigError(f"Accelerate: {e}") from None
     if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        AcceleratorState._reset_state(reset_partial_state=True)
         raise ConfigError(
             f"Accelerate is configured for {accelerator.distributed_type.value}; this loop runs one process or "
             "DDP: run `accelerate config` again without FSDP or DeepSpeed"
@@ -292,8 +302,8 @@ def cleanup(ctx: Dist, wait_for_others: bool = True) -> None:
         # torch's state-dict helpers leave the model in a reference cycle; collected here, its DDP reducer
         # lets go of the group now, not while the interpreter shuts down (where gloo can abort the process).
         gc.collect()
+{%- if cookiecutter.loop == "plain" %}
         dist.destroy_process_group()
-{%- if cookiecutter.loop == "accelerate" %}
-    # Accelerate keeps its state in the process: let a next train() here choose another precision.
-    AcceleratorState._reset_state(reset_partial_state=True)
+{%- else %}
+        ctx.accelerator.end_training()  # Accelerate's end: its trackers (none here), then the process group
 {%- endif %}

@@ -101,6 +101,7 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+{%- endif %}
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
@@ -116,7 +117,6 @@ def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None
             del optimizer.grad_scale, optimizer.found_inf
     elif not skip.item():  # any other optimizer: one host read per step, as GradScaler.step makes for it
         optimizer.step()
-{%- endif %}
 
 
 def train_step(state: TrainState, ctx: distributed.Dist, precision: Precision) -> None:
@@ -159,10 +159,12 @@ def train_step(state: TrainState, ctx: distributed.Dist, precision: Precision) -
 {%- else %}
     # 4. Gradient clipping, after unscaling fp16's gradients; the norm before it. 0: no limit.
     grad_norm = ctx.accelerator.clip_grad_norm_(state.params, cfg.clip_grad_norm or math.inf)
-    # The non-finite guard: a step whose gradients hold an inf or NaN is skipped, by a host read (Accelerate's
-    # step cannot skip on the device); fp16's GradScaler skips it itself, and lowers its scale.
-    if grad_norm.isfinite() or ctx.accelerator.scaler is not None:
+    # The non-finite guard: a step whose gradients hold an inf or NaN is skipped, decided on the device: by fp16's
+    # GradScaler (which also lowers its scale), or by the optimizer Accelerate wraps (its own step has no flag).
+    if ctx.accelerator.scaler is not None:
         optimizer.step()
+    else:
+        optimizer_step(optimizer.optimizer, skip=torch.where(grad_norm.isfinite(), 0.0, 1.0))
 {%- endif %}
     state.step_log.add(step_loss, step_count, grad_norm, optimizer.param_groups[0]["lr"])  # read at a log step
     state.scheduler.step()  # 5. LR schedule: the next step's learning rate (a skipped step counts too)
