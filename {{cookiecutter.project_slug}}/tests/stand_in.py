@@ -41,6 +41,7 @@ LOOP = [
     *("lr_schedule={{ cookiecutter.lr_schedule }}", "lr=1e-2", "min_lr=1e-4", "warmup_steps=10", "decay_steps=0"),
     *("lr_step_size=60", "lr_gamma=0.3", "weight_decay=0.01", "clip_grad_norm=1.0", "max_bad_steps=5"),
     *("batch_size=32", "accum_steps=1", "max_steps=120", "eval_every=40", "log_every=20", "ckpt_every=40"),
+    "max_eval_batches=0",
     *("monitor=val_loss", "compile=false", "tensorboard=false", "progress=true", "tf32=true"),
     *("resume=", "overwrite=false", "dist_timeout_minutes=10", "max_time_minutes=0", "debug=false"),
     *("optimizer=adamw", "lr_multipliers=", "beta1=0.9", "beta2=0.999", "eps=1e-8", "momentum=0.9", "tracker=none"),

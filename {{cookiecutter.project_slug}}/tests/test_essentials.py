@@ -12,6 +12,7 @@ from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.config import ConfigError, load_config
 from {{ cookiecutter.package_name }}.evaluate import evaluate, evaluate_checkpoint
+from {{ cookiecutter.package_name }}.loader import ShardSampler
 from {{ cookiecutter.package_name }}.precision import Precision
 from {{ cookiecutter.package_name }}.schedule import build_scheduler, lr_at
 {%- if cookiecutter.loop == "plain" %}
@@ -296,6 +297,31 @@ def test_metrics_are_computed_once_from_the_whole_sets_totals(make_config):
     assert metrics["val_loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_max_eval_batches_evaluates_the_same_first_batches_every_time(make_config, monkeypatch):
+    seen = []
+
+    def spy(output, target, task):
+        seen.append(target.clone())
+        return stand_in.metric_totals(output, target, task)
+
+    monkeypatch.setattr(evaluate_module, "metric_totals", spy)
+    cfg = make_config("max_steps=4", "warmup_steps=0", "eval_every=2", "max_eval_batches=3")
+    train(cfg)
+    assert len(seen) == 6  # 3 of the 16 batches at step 2, and 3 at step 4
+    assert all(torch.equal(first, again) for first, again in zip(seen[:3], seen[3:], strict=True))
+    _, val_set = stand_in.build_datasets(cfg)
+    assert torch.equal(torch.cat(seen[:3]), val_set.targets[:96])  # the first ones
+
+
+def test_a_capped_evaluation_takes_the_first_samples_of_every_ranks_shard():
+    capped = [ShardSampler(100, rank, 2, limit=32) for rank in (0, 1)]
+    assert [list(shard) for shard in capped] == [list(range(0, 64, 2)), list(range(1, 64, 2))]
+    assert [(shard.smallest, shard.largest) for shard in capped] == [(32, 32)] * 2
+    uneven = [ShardSampler(101, rank, 2) for rank in (0, 1)]
+    assert [len(shard) for shard in uneven] == [51, 50]
+    assert [(shard.smallest, shard.largest) for shard in uneven] == [(50, 51)] * 2  # every rank knows both
+
+
 def test_the_task_settings_reach_metric_totals_and_compute_metrics(make_config, monkeypatch):
     seen = []
 
@@ -361,7 +387,9 @@ def test_early_stopping_after_patience_evaluations_without_a_new_best(make_confi
 
 
 def test_init_from_starts_a_fresh_run_from_another_runs_weights(make_config, monkeypatch, capsys):
-    source = make_config("max_steps=6", "warmup_steps=0", "eval_every=3", name="source")
+    # fp32 throughout: no skipped step (fp16 skips its first few while its scale settles), and one precision in
+    # this process (Accelerate sets it once per process).
+    source = make_config("precision=fp32", "max_steps=6", "warmup_steps=0", "eval_every=3", name="source")
     train(source)
     best = checkpoint(source.out_dir, "best.pt")
     models, seen = [], []
@@ -374,16 +402,15 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights(make_config, mon
     monkeypatch.setattr(train_module, "build_optimizer", spy)
     # The weights the new run starts from: those its first optimizer step sees.
     before_each_step(monkeypatch, lambda _: seen.append({k: v.clone() for k, v in models[0].state_dict().items()}))
-    # fp32: no skipped step (fp16 skips its first few while its scale settles), so the optimizer steps 4 times.
     tuned = make_config("precision=fp32", "max_steps=4", "warmup_steps=0", f"init_from={source.out_dir}/best.pt",
                         name="tuned")  # fmt: skip
     assert train(tuned)["step"] == 4  # its own steps, schedule and optimizer, from 0
     assert_same_weights(seen[0], best["model"])
     assert first_moments(checkpoint(tuned.out_dir))["step"] == 4
     monkeypatch.setattr(stand_in, "WIDTH", 8)  # another model: one line, exit 1, nothing written
-    assert main(cli(Path(tuned.out_dir).parent / "other", f"init_from={source.out_dir}/best.pt")) == 1
+    assert main(cli(Path(tuned.out_dir).parent / "other", "precision=fp32", f"init_from={source.out_dir}/best.pt")) == 1
     assert "does not fit the model" in capsys.readouterr().err
-    assert main(cli(Path(tuned.out_dir).parent / "other", "init_from=nowhere.pt")) == 2
+    assert main(cli(Path(tuned.out_dir).parent / "other", "precision=fp32", "init_from=nowhere.pt")) == 2
     assert "init_from checkpoint nowhere.pt does not exist" in capsys.readouterr().err
 
 

@@ -17,13 +17,16 @@ from types import SimpleNamespace
 
 import pytest
 
+from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import plot as plot_module
 from {{ cookiecutter.package_name }} import progress as progress_module
 from {{ cookiecutter.package_name }} import train as train_module
+from {{ cookiecutter.package_name }}.config import DEBUG_EVAL_BATCHES
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.progress import Progress
 from {{ cookiecutter.package_name }}.train import main, train
 
+from . import stand_in
 from .conftest import ROOT, checkpoint, cli
 from .faults import SignalOnCall
 
@@ -303,12 +306,20 @@ def test_evaluate_of_a_folder_or_a_missing_file_is_one_line_exit_1(tmp_path, cap
     assert capsys.readouterr().err == f"error: checkpoint {tmp_path / 'best.pt'} does not exist\n"
 
 
-def test_debug_runs_every_part_in_a_few_steps_beside_the_real_run(make_config):
+def test_debug_runs_every_part_in_a_few_steps_beside_the_real_run(make_config, monkeypatch):
     cfg = make_config()
     Path(cfg.out_dir).mkdir(parents=True)
     (Path(cfg.out_dir) / "last.pt").write_bytes(b"a real run's state")
+    batches = {"n": 0}
+
+    def counted(output, target, task):
+        batches["n"] += 1
+        return stand_in.metric_totals(output, target, task)
+
+    monkeypatch.setattr(evaluate_module, "metric_totals", counted)
     for _ in range(2):  # its folder is replaced each time
         assert main(cli(cfg.out_dir, "max_steps=5000", "eval_every=500", "debug=true")) == 0
+    assert batches["n"] == 2 * DEBUG_EVAL_BATCHES  # of the validation set's 16 batches
     debug = Path(f"{cfg.out_dir}-debug")
     records = read_metrics(debug / "metrics.jsonl")
     assert [r["step"] for r in records if "skipped" in r] == [1, 2, 3, 4]  # fp16 may skip, not leave out

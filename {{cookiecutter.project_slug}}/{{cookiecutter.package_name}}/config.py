@@ -78,6 +78,7 @@ class Config:
 
     # --- validation, logging, checkpoints ---
     eval_every: int = 200
+    max_eval_batches: int = 0  # evaluate on at most this many batches per process, the same ones each time; 0: all
     log_every: int = 50
     ckpt_every: int = 200
     monitor: str = "val_loss"  # the metric that decides best.pt, in the direction METRIC_GOALS (task.py) gives
@@ -209,16 +210,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 DEBUG_STEPS = 4
+DEBUG_EVAL_BATCHES = 4
 
 
 def debug_run(cfg: Config) -> Config:
-    """debug=true: the same run cut to a few steps, each logged, with one evaluation and one save at the end,
-    written to out_dir + "-debug" (replaced each time): every code path of the run in seconds, your data,
-    model and settings included, before a long run."""
+    """debug=true: the same run cut to a few steps, each logged, with one evaluation of a few batches and one
+    save at the end, written to out_dir + "-debug" (replaced each time): every code path of the run in seconds,
+    your data, model and settings included, before a long run."""
     steps = min(cfg.max_steps, DEBUG_STEPS)
     return dataclasses.replace(
         cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, steps), decay_steps=0, log_every=1,
         eval_every=steps, ckpt_every=steps, patience=0, resume="", overwrite=True,
+        max_eval_batches=min(cfg.max_eval_batches or DEBUG_EVAL_BATCHES, DEBUG_EVAL_BATCHES),
         out_dir=f"{cfg.out_dir.rstrip('/')}-debug",
     )  # fmt: skip
 
@@ -283,7 +286,7 @@ def validate(cfg: Config) -> None:
     require(0 < cfg.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
     for key in ("eval_every", "log_every", "ckpt_every", "max_bad_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("num_workers", "num_threads", "patience"):
+    for key in ("num_workers", "num_threads", "patience", "max_eval_batches"):
         require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     require(cfg.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
     require(cfg.max_time_minutes >= 0, f"max_time_minutes must be >= 0 (0: no limit), got {cfg.max_time_minutes}")

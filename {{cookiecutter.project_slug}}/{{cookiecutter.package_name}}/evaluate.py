@@ -69,8 +69,7 @@ def evaluate(
             # Every rank runs as many forwards as the largest shard needs: DDP may broadcast buffers, and FSDP
             # gathers each unit's weights from every rank, in each forward. A shorter shard repeats its last
             # batch, uncounted (the shards differ by one sample at most).
-            largest = math.ceil(len(loader.dataset) / torch.distributed.get_world_size())
-            for _ in range(math.ceil(largest / loader.batch_size) - len(loader)):
+            for _ in range(math.ceil(loader.sampler.largest / loader.batch_size) - len(loader)):
                 with precision.autocast():
                     model(inputs)
     finally:

@@ -15,6 +15,7 @@ every checkpoint saves.
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -94,10 +95,14 @@ class WorkerSeeded(Dataset):
 
 
 class ShardSampler(torch.utils.data.Sampler):
-    """Every ``world_size``-th index from ``rank``: shards cover the set once, with no padding."""
+    """Every ``world_size``-th index from ``rank``: shards cover the set once, with no padding. ``limit``: at most
+    that many of them, the first ones (the same every time); 0: all."""
 
-    def __init__(self, size: int, rank: int, world_size: int):
-        self.indices = range(rank, size, world_size)
+    def __init__(self, size: int, rank: int, world_size: int, limit: int = 0):
+        self.indices = range(rank, size, world_size)[: limit or None]
+        # The shortest and the longest shard, the same on every rank: where the ranks' batches may differ.
+        self.smallest = min(size // world_size, limit or size)
+        self.largest = min(math.ceil(size / world_size), limit or size)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -178,7 +183,7 @@ def build_loaders(
         generator=torch.Generator(),
         **common,
     )
-    val_sampler = ShardSampler(len(val_set), rank, world_size)
+    val_sampler = ShardSampler(len(val_set), rank, world_size, limit=cfg.max_eval_batches * cfg.batch_size)
     # Its own generator too: a DataLoader without one draws worker seeds from the global
     # RNG, so evaluating would shift the dropout stream of training.
     val_loader = DataLoader(

@@ -233,12 +233,12 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     return torch.compile(model)
 
 
-def evaluation_stopper(stop: StopRequest, ctx: distributed.Dist, val_size: int, batch_size: int) -> Callable:
+def evaluation_stopper(stop: StopRequest, ctx: distributed.Dist, val_loader: DataLoader) -> Callable:
     """For ``evaluate``: before each batch, whether a stop request abandons the evaluation.
 
     Under torchrun the ranks agree on it, before each of the batches that every rank's shard has.
     """
-    shared_batches = math.ceil(val_size // ctx.world_size / batch_size)
+    shared_batches = math.ceil(val_loader.sampler.smallest / val_loader.batch_size)
     return lambda batch: batch < shared_batches and ctx.agree_max(stop.reason()) > 0
 
 
@@ -307,7 +307,7 @@ def run(cfg: Config, ctx: distributed.Dist, stop: StopRequest) -> dict[str, Any]
     best, latest = Path(cfg.out_dir) / "best.pt", run_folder.latest_checkpoint(cfg)
     if state.eval_due and validate(state, val_loader, ctx, precision, metrics_log):
         save_best(best, state, ctx)  # the evaluation a stop request cut short, done as the uninterrupted run did
-    stop_evaluation = evaluation_stopper(stop, ctx, len(val_loader.dataset), cfg.batch_size)
+    stop_evaluation = evaluation_stopper(stop, ctx, val_loader)
     stop_agreement = distributed.AgreedNextStep(ctx)
     start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
     state.model.train()
