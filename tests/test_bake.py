@@ -361,5 +361,5 @@ def test_generated_ci_workflow_installs_lints_and_tests(baked):
     workflow = yaml.safe_load((baked.path / ".github" / "workflows" / "ci.yml").read_text())
     commands = "\n".join(step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"])
     assert "download.pytorch.org/whl/cpu" in commands  # the CPU build: no CUDA download on CI runners
-    assert 'pip install -e ".[dev,plot]"' in commands
+    assert 'pip install -e ".[dev,plot,export]"' in commands
     assert "ruff check ." in commands and "ruff format --check ." in commands and "pytest" in commands

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from {{ cookiecutter.package_name }} import config as config_module
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
+from {{ cookiecutter.package_name }} import export as export_module
 from {{ cookiecutter.package_name }} import plot as plot_module
 from {{ cookiecutter.package_name }} import train as train_module
 
@@ -136,6 +137,7 @@ def install(set_attribute=setattr) -> None:
     for module in (train_module, evaluate_module):
         set_attribute(module, "build_datasets", build_datasets)
         set_attribute(module, "build_model", build_model)
+    set_attribute(export_module, "build_model", build_model)
 {%- if cookiecutter.loop == "plain" %}
     set_attribute(train_module, "fsdp_units", fsdp_units)
 {%- endif %}

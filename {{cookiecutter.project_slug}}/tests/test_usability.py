@@ -16,18 +16,25 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+import yaml
 
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import plot as plot_module
 from {{ cookiecutter.package_name }} import progress as progress_module
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.config import DEBUG_EVAL_BATCHES
+from {{ cookiecutter.package_name }}.config import DEBUG_EVAL_BATCHES, to_dict
+from {{ cookiecutter.package_name }}.export import main as export_main
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.progress import Progress
 from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
+{%- if cookiecutter.loop == "plain" %}
+from .conftest import ROOT, checkpoint, cli, sharded_weights
+{%- else %}
 from .conftest import ROOT, checkpoint, cli
+{%- endif %}
 from .faults import SignalOnCall
 
 SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # tests/stand_in_cli.py imports the package from here
@@ -304,6 +311,33 @@ def test_evaluate_of_a_folder_or_a_missing_file_is_one_line_exit_1(tmp_path, cap
     assert capsys.readouterr().err.startswith(f"error: checkpoint {tmp_path} is a folder, not a file (a run's out_dir")
     assert evaluate_main(["--checkpoint", str(tmp_path / "best.pt")]) == 1
     assert capsys.readouterr().err == f"error: checkpoint {tmp_path / 'best.pt'} does not exist\n"
+
+
+def test_export_writes_the_weights_as_safetensors_and_the_config_beside_them(make_config, capsys):
+    safetensors = pytest.importorskip("safetensors.torch")
+    cfg = make_config("max_steps=6", "warmup_steps=0", "eval_every=3")
+    train(cfg)
+    for name in ("best.pt", "last.pt"):
+        out = Path(cfg.out_dir) / f"{name}.safetensors"
+        assert export_main([f"{cfg.out_dir}/{name}", str(out)]) == 0
+        saved = checkpoint(cfg.out_dir, name)["model"]
+        exported = safetensors.load_file(out)
+        assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+        assert yaml.safe_load(out.with_suffix(".yaml").read_text()) == to_dict(cfg)
+{%- if cookiecutter.loop == "plain" %}
+    sharded = make_config("parallel=fsdp", "max_steps=3", "warmup_steps=0", name="fsdp")  # its last: a folder
+    train(sharded)
+    out = Path(sharded.out_dir) / "last.safetensors"
+    assert export_main([f"{sharded.out_dir}/last", str(out)]) == 0
+    step, weights = sharded_weights(Path(sharded.out_dir) / "last")
+    assert step == 3 and all(torch.equal(safetensors.load_file(out)[k], w) for k, w in weights.items())
+{%- endif %}
+    capsys.readouterr()
+    assert export_main([f"{cfg.out_dir}/nowhere.pt", str(Path(cfg.out_dir) / "x.safetensors")]) == 1
+    assert capsys.readouterr().err == f"error: checkpoint {cfg.out_dir}/nowhere.pt does not exist\n"
+    assert export_main([f"{cfg.out_dir}/best.pt", str(Path(cfg.out_dir) / "no-such-folder" / "x.safetensors")]) == 1
+    assert capsys.readouterr().err.startswith("error: could not write ")
+    assert not (Path(cfg.out_dir) / "x.safetensors").exists()
 
 
 def test_debug_runs_every_part_in_a_few_steps_beside_the_real_run(make_config, monkeypatch):

@@ -8,6 +8,8 @@ of its own (stand_in.py), and must stay green whatever you put here.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,17 @@ def test_the_metrics_add_up_over_batches(smoke):
     assert set(metrics) == set(METRIC_GOALS), "METRIC_GOALS (task.py) names every metric, with its direction"
     assert set(METRIC_GOALS.values()) <= {"min", "max"}
     assert cfg.monitor in metrics, f"configs/smoke.yaml monitors '{cfg.monitor}', which task.py does not measure"
+
+
+def test_model_py_and_task_py_load_without_the_rest_of_the_project():
+    # What the exported weights need (README, after the export command): build_model and task.py's settings.
+    package = build_model.__module__.rpartition(".")[0]
+    code = (
+        f"import sys, {package}.model, {package}.task; "
+        f"print(sorted(m for m in sys.modules if m.startswith('{package}')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == str([package, f"{package}.model", f"{package}.task"]), result.stdout + result.stderr
 
 
 def test_smoke_training_learns(smoke):

@@ -6,9 +6,12 @@ logits. Anything works as long as the loss in ``task.py`` accepts its output.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from .config import Config
+if TYPE_CHECKING:  # for the annotations only: model.py and task.py load alone, as the exported weights' users do
+    from .config import Config
 {%- if cookiecutter.loop == "plain" %}
 
 
