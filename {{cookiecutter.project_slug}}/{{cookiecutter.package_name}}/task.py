@@ -4,7 +4,9 @@ The loop relies on this contract, whatever the task:
 
 - ``TaskConfig``: the task's own settings, the ``task:`` group of the config
   (``task.num_classes=8`` on the command line). data.py and model.py read them
-  as ``cfg.task.<name>``; ``check_task_config`` says what is wrong with them.
+  as ``cfg.task.<name>``; ``check_task_config`` says what is wrong with them,
+  once the YAML and the command line are applied (not ``__post_init__``, which
+  sees only the defaults).
 - ``compute_loss(output, target)`` returns ``(sum, count)``: the loss SUMMED
   over its terms (samples, tokens, pixels...) and how many terms there are. The
   loop divides the step's total sum by its total count, over every micro-batch
