@@ -81,6 +81,9 @@ def gradient_bytes() -> int:
 
 def main() -> int:
     rank = int(os.environ["RANK"])
+    # When one rank exits with an error, torchrun stops the others with SIGTERM: a rank that has reached the same
+    # error a moment later must still write its report. During train() the loop's own handler takes over.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.environ.get("PROBE_NODE_DISKS"):  # each rank in a folder of its own, as on a node with its own disk
         os.chdir(Path(os.environ["PROBE_NODE_DISKS"], f"node{rank}"))
     out_dir = Path(sys.argv[1])
