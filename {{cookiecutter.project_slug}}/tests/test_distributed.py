@@ -58,8 +58,11 @@ def torchrun(out_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = 
     )  # fmt: skip
 
 
-def probes(out_dir: Path, nproc: int = 2) -> list[dict]:
-    return [json.loads((out_dir / f"probe-rank{rank}.json").read_text()) for rank in range(nproc)]
+def probes(out_dir: Path, nproc: int = 2, output: str = "") -> list[dict]:
+    """Each rank's report; ``output``: torchrun's, shown when a rank left none (it died before writing it)."""
+    paths = [Path(out_dir) / f"probe-rank{rank}.json" for rank in range(nproc)]
+    assert all(path.exists() for path in paths), f"no report from {[p.name for p in paths if not p.exists()]}\n{output}"
+    return [json.loads(path.read_text()) for path in paths]
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monkeypatch, no_dropout, tmp_path):
@@ -217,8 +220,9 @@ def test_an_out_dir_that_is_not_shared_stops_every_rank_at_start(tmp_path):
     process = torchrun(Path("run"), "max_steps=4", "warmup_steps=0", env={"PROBE_NODE_DISKS": str(tmp_path)})
     output, _ = process.communicate(timeout=300)
     runs = [tmp_path / f"node{rank}" / "run" for rank in (0, 1)]
-    assert [json.loads((run / f"probe-rank{rank}.json").read_text())["exit_code"] for rank, run in enumerate(runs)] == [
-        2, 2], output  # fmt: skip
+    reports = [run / f"probe-rank{rank}.json" for rank, run in enumerate(runs)]
+    assert all(report.exists() for report in reports), output
+    assert [json.loads(report.read_text())["exit_code"] for report in reports] == [2, 2], output
     assert "error (rank 1): out_dir run is not the folder rank 0 writes to" in output
     assert "error (rank 0): another process cannot see out_dir run" in output
     assert not list(runs[0].glob(".shared_check-*")) and not (runs[0] / "last.pt").exists()
@@ -228,7 +232,7 @@ def test_an_out_dir_that_is_not_shared_stops_every_rank_at_start(tmp_path):
 def test_a_config_that_cannot_be_sharded_is_one_line_on_every_rank(tmp_path):
     process = torchrun(tmp_path / "ddp", env={"STAND_IN_VAL_SIZE": "1"})
     output, _ = process.communicate(timeout=300)
-    assert [p["exit_code"] for p in probes(tmp_path / "ddp")] == [2, 2], output
+    assert [p["exit_code"] for p in probes(tmp_path / "ddp", output=output)] == [2, 2], output
     for rank in (0, 1):
         assert f"error (rank {rank}): the validation set has 1 sample(s), fewer than the 2 process(es)" in output
     # No traceback through our code (torchrun prints its own, and the script's path, which may hold the name).
@@ -239,7 +243,7 @@ def test_metric_totals_that_differ_between_ranks_stop_every_rank_instead_of_hang
     process = torchrun(tmp_path / "ddp", "max_steps=2", "warmup_steps=0", "dist_timeout_minutes=0.5",
                        env={"PROBE_EXTRA_TOTAL_ON": "1"})  # fmt: skip
     output, _ = process.communicate(timeout=300)
-    assert [p["exit_code"] for p in probes(tmp_path / "ddp")] == [2, 2], output
+    assert [p["exit_code"] for p in probes(tmp_path / "ddp", output=output)] == [2, 2], output
     for rank in (0, 1):
         assert f"error (rank {rank}): metric_totals (task.py) returned" in output
     assert "other names or shapes on another process" in output
