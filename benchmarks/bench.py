@@ -72,7 +72,7 @@ def main() -> int:
         projects = {loop: bake(Path(tmp), loop) for loop in PROJECTS}
         sys.path[:0] = [str(path) for path in projects.values()]
         sys.dont_write_bytecode = True
-        modules = ("config", "train", "evaluate", "loader", "checkpoint", "precision", "seed")
+        modules = ("config", "train", "evaluate", "loader", "checkpoint", "precision", "seed", "distributed")
         mods = {name: importlib.import_module(f"bench_project.{name}") for name in modules}
         accelerate_mods = {name: importlib.import_module(f"bench_accelerate.{name}") for name in ("train", "evaluate")}
         mods["accelerate"] = accelerate_mods
@@ -157,7 +157,8 @@ def bare_loop(mods, task, cfg, device) -> float:
     model = part(mods, task, "build_model")(cfg).to(device)
     compute_loss = part(mods, task, "compute_loss")
     optimizer = mods["train"].build_optimizer(model, cfg, device)
-    batches, _ = mods["loader"].build_loaders(cfg, train_set, val_set, device)
+    alone = mods["distributed"].Dist(device=device)
+    batches, _ = mods["loader"].build_loaders(cfg, train_set, val_set, alone)
     precision = mods["precision"].resolve_precision(cfg.precision, device)
     model.train()
     started = 0.0
@@ -242,7 +243,8 @@ def measure_eval_and_save(mods, task, device, rounds, tmp: Path) -> dict:
     model = part(mods, task, "build_model")(cfg).to(device)
     model.load_state_dict(state["model"])
     train_set, val_set = part(mods, task, "build_datasets")(cfg)
-    _, val_loader = mods["loader"].build_loaders(cfg, train_set, val_set, device)
+    alone = mods["distributed"].Dist(device=device)
+    _, val_loader = mods["loader"].build_loaders(cfg, train_set, val_set, alone)
     precision = mods["precision"].resolve_precision("fp32", device)
 
     def bare_eval() -> None:

@@ -13,6 +13,7 @@ from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.config import Config, load_config
 from {{ cookiecutter.package_name }}.metrics import read_metrics
+from {{ cookiecutter.package_name }}.speed import MEASURED
 
 from . import stand_in
 
@@ -130,6 +131,11 @@ def sharded_weights(folder: str | Path) -> tuple[int, dict[str, torch.Tensor]]:
 def first_moments(saved: dict) -> dict[str, torch.Tensor]:
     """The optimizer state (step, exp_avg, exp_avg_sq) of a checkpoint's first parameter."""
     return next(iter(saved["optimizer"]["state"].values()))
+
+
+def run_records(out_dir: str | Path) -> list[dict]:
+    """metrics.jsonl without the speed figures (timings and memory), which differ between runs of equal numbers."""
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in read_metrics(Path(out_dir) / "metrics.jsonl")]
 
 
 def train_records(out_dir: str | Path) -> list[dict]:

@@ -188,6 +188,7 @@ def main() -> int:
             "models_left": models_left,
             "gradient_bytes_held": held[0] if held else None,
             "collectives_after_step": collectives,
+            "stream_read": stand_in.SequenceStream.read,  # with STAND_IN_STREAM and no workers: what this rank read
         })
     )  # fmt: skip
     return code

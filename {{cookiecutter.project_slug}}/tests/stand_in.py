@@ -15,18 +15,21 @@ a different number of loss terms, as in language-model training.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from {{ cookiecutter.package_name }} import config as config_module
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import export as export_module
 from {{ cookiecutter.package_name }} import plot as plot_module
 from {{ cookiecutter.package_name }} import train as train_module
+from {{ cookiecutter.package_name }}.loader import stream_part
 
 VOCAB, MAX_LEN, IGNORE = 16, 12, -100
 # Set by a test (monkeypatch) or, for the scripts tests start, by the environment; read when building.
@@ -34,6 +37,8 @@ TRAIN_SIZE = 1024  # 32 batches of 32 per epoch
 VAL_SIZE = int(os.environ.get("STAND_IN_VAL_SIZE", "512"))
 DROPOUT = float(os.environ.get("STAND_IN_DROPOUT", "0.1"))
 WIDTH = int(os.environ.get("STAND_IN_WIDTH", "32"))
+# The training set as a stream (an IterableDataset): "plain", without state_dict; "stateful", with it. "": map-style.
+STREAM = os.environ.get("STAND_IN_STREAM", "")
 
 # The loop settings of every guarantee test, before its own: none is left to config.py's defaults or
 # to configs/*.yaml, which are yours to change.
@@ -84,9 +89,62 @@ class Sequences(Dataset):
         return self.inputs[index], self.targets[index]
 
 
+class SequenceStream(IterableDataset):
+    """The training sequences as a stream, read as a sharded corpus is: each epoch in its own order, this process
+    and worker's part of it (stream_part), and a token replaced at random in about half, drawn as it is read."""
+
+    read: list[int] = []  # the indices read in this process, in order (without workers: every one)
+
+    def __init__(self, sequences: Sequences, seed: int):
+        self.sequences, self.seed, self.epoch = sequences, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def part(self) -> list[int]:
+        part, parts = stream_part()
+        order = torch.randperm(len(self.sequences), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return order[part::parts].tolist()
+
+    def __iter__(self):
+        for index in self.part():
+            yield self.read_one(index)
+
+    def read_one(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        SequenceStream.read.append(index)
+        inputs, target = self.sequences[index]
+        if random.random() < 0.5:  # augmentation, from every random stream
+            inputs = inputs.clone()
+            inputs[int(torch.randint(len(inputs), ()))] = int(np.random.randint(VOCAB))
+        return inputs, target
+
+
+class StatefulSequenceStream(SequenceStream):
+    """The same stream, with the StatefulDataLoader protocol: how many samples of its part of the epoch it gave."""
+
+    def __init__(self, sequences: Sequences, seed: int):
+        super().__init__(sequences, seed)
+        self.given, self.resume_at = 0, 0
+
+    def __iter__(self):
+        self.given, self.resume_at = self.resume_at, 0
+        for index in self.part()[self.given :]:
+            self.given += 1
+            yield self.read_one(index)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"given": self.given}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = state["given"]
+
+
 def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     generator = torch.Generator().manual_seed(cfg.seed)
-    return Sequences(TRAIN_SIZE, generator), Sequences(VAL_SIZE, generator)
+    train_set, val_set = Sequences(TRAIN_SIZE, generator), Sequences(VAL_SIZE, generator)
+    if STREAM:
+        train_set = {"plain": SequenceStream, "stateful": StatefulSequenceStream}[STREAM](train_set, cfg.seed)
+    return train_set, val_set
 
 
 def build_model(cfg) -> nn.Module:

@@ -37,10 +37,10 @@ from {{ cookiecutter.package_name }}.train import train
 {%- if cookiecutter.loop == "plain" %}
 
 from . import stand_in
-from .conftest import ROOT, checkpoint, nan_loss_on, sharded_weights
+from .conftest import ROOT, assert_same_weights, checkpoint, nan_loss_on, run_records, sharded_weights
 {%- else %}
 
-from .conftest import ROOT, checkpoint, nan_loss_on
+from .conftest import ROOT, assert_same_weights, checkpoint, nan_loss_on, run_records
 {%- endif %}
 
 pytestmark = pytest.mark.distributed
@@ -167,10 +167,28 @@ def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_finishes_bit_
     expected = checkpoint(tmp_path / "reference")["model"]
     for key, value in checkpoint(tmp_path / "restarted")["model"].items():
         assert torch.equal(value, expected[key]), key  # bit for bit
-    records = read_metrics(tmp_path / "restarted" / "metrics.jsonl")
-    assert records == read_metrics(tmp_path / "reference" / "metrics.jsonl")
+    assert run_records(tmp_path / "restarted") == run_records(tmp_path / "reference")
 
 
+def test_a_stream_under_torchrun_is_read_in_parts_and_a_stopped_run_resumes_exactly(tmp_path):
+    # A training set without state_dict (read again on resume): each rank reads its part, by stream_part.
+    run = ["max_steps=24", "accum_steps=2", "batch_size=16", "log_every=4", "eval_every=10", "ckpt_every=100"]
+    env = {"STAND_IN_STREAM": "plain"}
+    reference = torchrun(tmp_path / "reference", *run, env=env)
+    output, _ = reference.communicate(timeout=300)
+    reads = [p["stream_read"] for p in probes(tmp_path / "reference", output=output)]
+    assert sorted(reads[0][:512] + reads[1][:512]) == list(range(1024))  # epoch 0: 512 samples each, none twice
+    stopped = torchrun(tmp_path / "stopped", *run, env={**env, "PROBE_SIGTERM_AT": "1:10"})  # rank 1, step 10
+    output, _ = stopped.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(tmp_path / "stopped", output=output)] == [143, 143], output
+    assert [len(workers) for workers in checkpoint(tmp_path / "stopped")["data"]["stream"]] == [1, 1]
+    resumed = torchrun(tmp_path / "stopped", *run, "resume=auto", env=env)
+    output, _ = resumed.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(tmp_path / "stopped", output=output)] == [0, 0], output
+    stopped, reference = tmp_path / "stopped", tmp_path / "reference"
+    assert run_records(stopped) == run_records(reference)
+    for name in ("last.pt", "best.pt"):
+        assert_same_weights(checkpoint(stopped, name)["model"], checkpoint(reference, name)["model"])
 {%- if cookiecutter.loop == "plain" %}
 
 
@@ -207,7 +225,7 @@ def test_two_torchrun_agents_one_process_each_train_as_one_agent_with_two(tmp_pa
                       "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}")) for node in (0, 1)]  # fmt: skip
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
-    assert read_metrics(tmp_path / "two" / "metrics.jsonl") == read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert run_records(tmp_path / "two") == run_records(tmp_path / "one")
     expected = checkpoint(tmp_path / "one")["model"]
     for key, value in checkpoint(tmp_path / "two")["model"].items():
         assert torch.equal(value, expected[key]), key  # bit for bit
@@ -380,8 +398,7 @@ def test_an_fsdp_run_stopped_by_sigterm_resumes_exactly_on_2_processes_and_on_1(
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
     _, expected = sharded_weights(tmp_path / "reference" / "last")
-    records = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
-    assert records == read_metrics(tmp_path / "reference" / "metrics.jsonl")
+    assert run_records(tmp_path / "stopped") == run_records(tmp_path / "reference")
     for key, value in sharded_weights(tmp_path / "stopped" / "last")[1].items():
         assert torch.equal(value, expected[key]), key  # bit for bit
 

@@ -21,6 +21,7 @@ from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import signals as signals_module
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, save_checkpoint
+from {{ cookiecutter.package_name }}.distributed import Dist
 from {{ cookiecutter.package_name }}.loader import build_loaders
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.schedule import lr_at
@@ -37,6 +38,7 @@ from .conftest import (
     first_moments,
     nan_loss_on,
     record_saves,
+    run_records,
 {%- if cookiecutter.loop == "plain" %}
     sharded_weights,
 {%- endif %}
@@ -57,7 +59,7 @@ def signal_during_step(monkeypatch, step: int, accum_steps: int = 2, signum: int
 
 
 def assert_same_run(a: str, b: str) -> None:
-    assert read_metrics(Path(a) / "metrics.jsonl") == read_metrics(Path(b) / "metrics.jsonl")
+    assert run_records(a) == run_records(b)
     for name in ("last.pt", "best.pt"):
         assert_same_weights(checkpoint(a, name)["model"], checkpoint(b, name)["model"])
     assert first_moments(checkpoint(a))["exp_avg"].equal(first_moments(checkpoint(b))["exp_avg"])
@@ -121,8 +123,8 @@ def test_sgd_with_momentum_learns_and_resumes_exactly(make_config, monkeypatch):
         signal_during_step(patch, step=23)
         assert train(interrupted)["exit_code"] == 143
     train(make_config(*run, "resume=auto", name="interrupted"))
-    records = read_metrics(Path(reference.out_dir) / "metrics.jsonl")
-    assert records == read_metrics(Path(interrupted.out_dir) / "metrics.jsonl")
+    records = run_records(reference.out_dir)
+    assert records == run_records(interrupted.out_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.7 * losses[0]  # it learns
     a, b = checkpoint(reference.out_dir), checkpoint(interrupted.out_dir)
@@ -289,7 +291,7 @@ def test_fp16_resume_restores_the_grad_scaler(make_config, monkeypatch):
 def test_each_epoch_has_its_own_order(make_config):
     cfg = make_config("batch_size=8")
     data = torch.utils.data.TensorDataset(torch.arange(32), torch.arange(32))
-    batches, _ = build_loaders(cfg, data, data, torch.device("cpu"))
+    batches, _ = build_loaders(cfg, data, data, Dist())
     epochs = [torch.cat([next(batches)[0] for _ in range(4)]).tolist() for _ in range(3)]
     assert all(sorted(order) == list(range(32)) for order in epochs)  # each epoch sees every sample once
     assert len({tuple(order) for order in epochs}) == 3
@@ -313,7 +315,7 @@ def test_a_dataset_that_reads_whole_batches_still_does(make_config):
             BatchReads.calls += 1
             return [self[index] for index in indices]
 
-    batches, _ = build_loaders(make_config("batch_size=8"), BatchReads(), BatchReads(), torch.device("cpu"))
+    batches, _ = build_loaders(make_config("batch_size=8"), BatchReads(), BatchReads(), Dist())
     next(batches)
     assert BatchReads.calls == 1
 
@@ -322,7 +324,7 @@ def test_augmentation_in_workers_differs_per_epoch_and_repeats_per_run(make_conf
     def draws(epochs: int) -> list[list[tuple[int, float]]]:
         """(index, draw) in the order read, per epoch."""
         cfg = make_config("batch_size=8", "num_workers=2")
-        batches, _ = build_loaders(cfg, RandomItems(), RandomItems(), torch.device("cpu"))
+        batches, _ = build_loaders(cfg, RandomItems(), RandomItems(), Dist())
         out = []
         for _ in range(epochs):
             pairs = [next(batches) for _ in range(4)]

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import collections
+import resource
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from {{ cookiecutter.package_name }} import progress as progress_module
 from {{ cookiecutter.package_name }} import train as train_module
+from {{ cookiecutter.package_name }}.speed import count_flops
 from {{ cookiecutter.package_name }}.train import train
+
+from . import stand_in
+from .conftest import train_records
 
 # Every way a tensor's value reaches Python (each forces a host-device sync on a GPU).
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__format__", "__repr__", "numpy")
@@ -90,3 +97,44 @@ def test_compile_is_skipped_with_a_reason_where_it_cannot_work(make_config, monk
 def test_compile_with_inductor(make_config):
     summary = train(make_config("compile=true", "max_steps=5", "warmup_steps=0", "eval_every=5"))
     assert summary["step"] == 5 and summary["metrics"]["val_acc"] > 0
+
+
+def test_the_flops_of_a_known_model_are_its_hand_count():
+    # The tests' model on 32 sequences of 12 tokens: an embedding (a lookup, no FLOPs), then linear layers of
+    # 32 -> 32 and 32 -> 16 applied to each of the 384 tokens. A product of (n x k) by (k x m) is 2nkm FLOPs;
+    # the backward makes two such products per layer (the input's and the weight's gradients): 3 per layer in all.
+    tokens, width, vocab = 32 * stand_in.MAX_LEN, stand_in.WIDTH, stand_in.VOCAB
+    by_hand = 3 * (2 * tokens * width * width + 2 * tokens * width * vocab)
+    batch = stand_in.Sequences(32, torch.Generator().manual_seed(0))[:32]
+    assert count_flops(stand_in.build_model, None, batch, stand_in.compute_loss) == by_hand == 3_538_944
+
+
+def test_every_train_record_has_tokens_per_s_and_peak_memory_and_mfu_when_peak_flops_is_set(make_config, monkeypatch):
+    # A fake clock, whatever the machine's load: 10 ms a micro-batch, and 10 s more in the first, left out.
+    real_loss, terms = train_module.compute_loss, []
+
+    def counted(output, target):
+        loss_sum, count = real_loss(output, target)
+        if not count.is_meta:  # FLOPs are counted on the meta device first: no values there
+            terms.append(int(count))  # tokens, here: the targets that are not padding
+        return loss_sum, count
+
+    monkeypatch.setattr(train_module, "compute_loss", counted)
+    clock = SimpleNamespace(perf_counter=lambda: 0.01 * len(terms) + (10.0 if terms else 0.0))
+    monkeypatch.setattr(progress_module, "time", clock)
+    monkeypatch.setattr(train_module, "time", clock)
+    run = ["max_steps=20", "accum_steps=2", "warmup_steps=0", "log_every=5", "eval_every=100", "ckpt_every=100"]
+    train(make_config(*run, "peak_flops=1e9"))
+    flops_per_step = 2 * 3_538_944  # the hand count above, for each of the 2 micro-batches
+    records = train_records(make_config().out_dir)
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    for record in records:
+        steps = range(record["step"] - 5, record["step"])  # the record's steps, 50 a second (20 ms each)
+        mean_terms = sum(terms[2 * s] + terms[2 * s + 1] for s in steps) / 5
+        assert record["tokens_per_s"] == pytest.approx(mean_terms * 50, rel=1e-6)
+        assert record["mfu"] == pytest.approx(flops_per_step * 50 / 1e9, rel=1e-6)
+        assert 10 < record["peak_memory_mb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"tokens_per_s {[round(r['tokens_per_s']) for r in records]}, mfu {records[0]['mfu']:.4f}")
+
+    train(make_config(*run, name="no_peak"))  # no peak_flops: no mfu, no FLOPs counted
+    assert all("mfu" not in r and "tokens_per_s" in r for r in train_records(make_config(name="no_peak").out_dir))

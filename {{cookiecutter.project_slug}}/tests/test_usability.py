@@ -27,6 +27,7 @@ from {{ cookiecutter.package_name }}.config import DEBUG_EVAL_BATCHES, to_dict
 from {{ cookiecutter.package_name }}.export import main as export_main
 from {{ cookiecutter.package_name }}.metrics import read_metrics
 from {{ cookiecutter.package_name }}.progress import Progress
+from {{ cookiecutter.package_name }}.speed import Speed
 from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
@@ -69,7 +70,8 @@ def run_cli(out_dir: Path, *overrides: str, terminal: bool = False, columns: int
 
 
 PLAIN_LINE = re.compile(
-    r"^step 10/40  loss \d+\.\d+  lr \S+  grad_norm \S+  [\d,]+ samples/s  elapsed \d:\d\d:\d\d  left ~\d:\d\d:\d\d$",
+    r"^step 10/40  loss \d+\.\d+  lr \S+  grad_norm \S+  [\d,]+ samples/s  [\d,]+ tokens/s  peak [\d,]+ MB  "
+    r"elapsed \d:\d\d:\d\d  left ~\d:\d\d:\d\d$",
     re.MULTILINE,
 )
 
@@ -85,6 +87,7 @@ def test_piped_output_has_plain_lines_and_no_bar(tmp_path):
         "threads:    1 (num_threads=1) CPU threads per process",
         "model:      2,096 parameters",
         "batch:      32 samples per optimizer step = 32 x 1 accum x 1 process(es)",
+        "data:       1,024 training samples, 32 batches per process an epoch",
         "eval step 20  val_loss",
         "(new best)",
         "done: 40 steps in",
@@ -116,9 +119,10 @@ def test_a_terminal_too_narrow_for_a_bar_gets_plain_lines(tmp_path):
 
 def test_the_bar_ends_at_the_step_the_run_stopped(make_config, monkeypatch):
     monkeypatch.setattr(progress_module, "terminal_columns", lambda: 120)
-    bar = Progress(make_config("max_steps=100"), 0, 32, is_main=True)
+    cfg = make_config("max_steps=100")
+    bar = Progress(cfg, 0, 32, is_main=True, speed=Speed(cfg, torch.device("cpu"), None, None, None))
     assert bar.show_bar
-    bar.update(50, 0.5, 1e-3, 1.0, 0.0)
+    bar.update(50, {"step": 50, "loss": 0.5, "lr": 1e-3, "grad_norm": 1.0}, 300.0, 0.0)
     bar.close(57, 0.0)  # a signal stopped the run between log steps
     assert bar.bar.n == 57
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from {{ cookiecutter.package_name }}.config import load_config
 from {{ cookiecutter.package_name }}.data import build_datasets
@@ -41,7 +41,8 @@ def smoke(tmp_path):
     torch.manual_seed(0)
     cfg = load_config(SMOKE, [f"out_dir={tmp_path / 'run'}", "device=cpu"])
     train_set, val_set = build_datasets(cfg)
-    inputs, targets = next(iter(DataLoader(train_set, batch_size=max(cfg.batch_size, 4), shuffle=True)))
+    shuffle = not isinstance(train_set, IterableDataset)  # a stream comes in its own order
+    inputs, targets = next(iter(DataLoader(train_set, batch_size=max(cfg.batch_size, 4), shuffle=shuffle)))
     return cfg, build_model(cfg), inputs, targets
 
 

@@ -40,6 +40,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+from .config import ConfigError
 from .distributed import Dist
 from .files import atomic_write, remove
 from .seed import rng_state, seed_everything, set_rng_state
@@ -194,7 +195,7 @@ def restore_training(path: Path, saved: dict[str, Any], state: TrainState, ctx: 
         else:
             check_fits(state.model, saved["model"], path)
             state.load_state_dict(saved)
-    except CheckpointError:
+    except (CheckpointError, ConfigError):
         raise  # already one line saying what does not fit
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from None

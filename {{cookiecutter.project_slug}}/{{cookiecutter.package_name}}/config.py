@@ -80,6 +80,7 @@ class Config:
     eval_every: int = 200
     max_eval_batches: int = 0  # evaluate on at most this many batches per process, the same ones each time; 0: all
     log_every: int = 50
+    peak_flops: float = 0.0  # your device's peak FLOP/s in the precision trained in (README), for mfu; 0: no mfu
     ckpt_every: int = 200
     monitor: str = "val_loss"  # the metric that decides best.pt, in the direction METRIC_GOALS (task.py) gives
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
@@ -286,7 +287,7 @@ def validate(cfg: Config) -> None:
     require(0 < cfg.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
     for key in ("eval_every", "log_every", "ckpt_every", "max_bad_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("num_workers", "num_threads", "patience", "max_eval_batches"):
+    for key in ("num_workers", "num_threads", "patience", "max_eval_batches", "peak_flops"):
         require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     require(cfg.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
     require(cfg.max_time_minutes >= 0, f"max_time_minutes must be >= 0 (0: no limit), got {cfg.max_time_minutes}")

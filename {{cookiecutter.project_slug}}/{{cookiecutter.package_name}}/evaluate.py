@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import CheckpointError, load_checkpoint, load_weights
 from .config import ConfigError, apply_overrides, config_from_dict, parse_overrides, validate
 from .data import build_datasets
+from .distributed import Dist
 from .loader import build_loaders
 from .model import build_model
 from .precision import Precision, resolve_device, resolve_precision
@@ -133,7 +134,7 @@ def evaluate_state(state: dict, path: str | Path, overrides: list[str] | None = 
     load_weights(model, state, path)  # a file, or parallel=fsdp's sharded last, read whole into this process
     model.to(device)
     train_set, val_set = build_datasets(cfg)
-    _, val_loader = build_loaders(cfg, train_set, val_set, device)
+    _, val_loader = build_loaders(cfg, train_set, val_set, Dist(device=device))
     return evaluate(model, val_loader, device, precision, cfg.task)
 
 

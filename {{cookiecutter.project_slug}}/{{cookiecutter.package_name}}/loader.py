@@ -11,20 +11,34 @@ batch. Workers live across epochs (``persistent_workers``), so seeding them once
 at start would make a resumed run draw differently from an uninterrupted one.
 Without workers, ``__getitem__`` draws from the main process's streams, which
 every checkpoint saves.
+
+An iterable training set (``IterableDataset``: a stream of samples) reads its
+own part by rank and worker (``stream_part``), in whole batches per worker:
+batch k of an epoch is drawn with the random streams seeded from (seed, rank,
+worker, epoch, k), in workers and in the main process alike (where the training
+streams are put back after it). A resumed run continues each worker where its
+last trained batch left it: by the dataset's own ``state_dict()`` /
+``load_state_dict()`` (the StatefulDataLoader protocol, which HF ``datasets``
+follows) when it has them, else by reading the batches already trained on
+again and skipping them (exact, slower).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data.dataloader import default_collate
 
 from .config import Config, ConfigError
-from .seed import seed_everything, seed_worker
+from .distributed import Dist
+from .seed import rng_state, seed_everything, seed_worker, set_rng_state
 
 
 def init_worker(worker_id: int) -> None:
@@ -138,6 +152,10 @@ class BatchStream:
         self.batch_in_epoch += 1
         return batch
 
+    def describe(self) -> str:
+        per_epoch = len(self.sampler) // self.batch_size
+        return f"{len(self.sampler.dataset):,} training samples, {per_epoch} batches per process an epoch"
+
     def state_dict(self) -> dict[str, int]:
         # Samples consumed this epoch by all processes together: every rank has taken the
         # same number of batches, and together they cover a prefix of the epoch's order.
@@ -155,38 +173,168 @@ class BatchStream:
         return self.batch_size * self.sampler.num_replicas
 
 
+def stream_part() -> tuple[int, int]:
+    """For an iterable training set's ``__iter__``: (which part, how many parts) to read, one part per worker of
+    each process, e.g. ``itertools.islice(samples, part, None, parts)``; (0, 1) in one process without workers."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    worker = get_worker_info()
+    worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+    return rank * workers + worker_id, world_size * workers
+
+
+def has_stream_state(dataset: Any) -> bool:
+    return callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))
+
+
+@contextlib.contextmanager
+def seeded_draws(seed: int) -> Iterator[None]:
+    """The CPU's random streams (torch, Python, NumPy) seeded with ``seed`` inside, and put back after: the
+    training's own draws (dropout) never see the data's. CUDA's stream is left alone: data is made on the CPU."""
+    saved = rng_state(cuda=False)
+    seed_everything(seed, cuda=False)
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+class SeededStream(IterableDataset):
+    """An iterable training set as one worker (or the main process) reads it: endless, in whole batches of
+    ``batch_size`` samples, epoch after epoch (a short batch at an epoch's end is dropped). Yields each batch
+    with the worker's position after it, or ``(None, message)`` when an epoch holds no whole batch."""
+
+    def __init__(self, dataset: IterableDataset, batch_size: int, seed: int, rank: int):
+        self.dataset, self.batch_size, self.seed, self.rank = dataset, batch_size, seed, rank
+        self.start: list[dict[str, Any]] = []  # each worker's position to continue from (a resumed run)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        worker = get_worker_info().id if get_worker_info() is not None else 0
+        position = self.start[worker] if self.start else {"worker": worker, "epoch": 0, "batch": 0, "dataset": None}
+        epoch, first = position["epoch"], position["batch"]
+        while True:
+            if callable(getattr(self.dataset, "set_epoch", None)):  # e.g. HF datasets: reshuffle per epoch
+                self.dataset.set_epoch(epoch)
+            restored = position["dataset"] is not None
+            if restored:  # the dataset's own record of where it was: no need to read the batches before
+                self.dataset.load_state_dict(position["dataset"])
+            samples = iter(self.dataset)
+            for batch in itertools.count(first if restored else 0):
+                with seeded_draws(self.batch_seed(worker, epoch, batch)):
+                    items = list(itertools.islice(samples, self.batch_size))
+                if len(items) < self.batch_size:
+                    break
+                if batch < first:  # fast-forward: read again exactly as before (same seeds), and skip
+                    continue
+                state = self.dataset.state_dict() if has_stream_state(self.dataset) else None
+                position = {"worker": worker, "epoch": epoch, "batch": batch + 1, "dataset": state}
+                yield default_collate(items), position
+            if batch == 0:
+                where = f"worker {worker} of process {self.rank}"
+                yield None, f"the training set gave {where} fewer than batch_size={self.batch_size} samples in an epoch"
+                return
+            epoch, first, position = epoch + 1, 0, {"dataset": None}
+
+    def batch_seed(self, worker: int, epoch: int, batch: int) -> int:
+        seed = self.seed
+        for part in (self.rank, worker, epoch, batch):
+            seed = (seed * 1_000_003 + part) % 2**63
+        return seed
+
+
+class StreamBatches:
+    """The endless stream of training batches of an iterable training set, with every worker's position in it.
+
+    ``gather(obj)``: every process's ``obj`` on rank 0 (None elsewhere), for ``state_dict``.
+    """
+
+    def __init__(self, loader: DataLoader, rank: int, world_size: int, gather: Callable[[Any], Any]):
+        self.loader, self.rank, self.world_size, self.gather = loader, rank, world_size, gather
+        self.stream: SeededStream = loader.dataset
+        self.workers = max(1, loader.num_workers)
+        self.positions: list[dict[str, Any]] = []  # the position after the last batch trained on, per worker
+        self._iterator: Iterator | None = None
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self.stream.start = self.positions  # workers start (or continue) from here
+            self._iterator = iter(self.loader)
+        batch, position = next(self._iterator)
+        if batch is None:
+            raise ConfigError(position)
+        if not self.positions:
+            self.positions = [{"worker": w, "epoch": 0, "batch": 0, "dataset": None} for w in range(self.workers)]
+        self.positions[position["worker"]] = position
+        return batch
+
+    def describe(self) -> str:
+        dataset = self.stream.dataset
+        how = "its own state_dict()"
+        if not has_stream_state(dataset):
+            how = "reading again the batches already trained on (no state_dict(): exact, slower)"
+        parts = f"{type(dataset).__name__}, {self.workers} part(s) per process"
+        return f"an iterable training set ({parts}); a resumed run continues it by {how}"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every process's worker positions (on rank 0; every rank calls it)."""
+        return {"stream": self.gather(self.positions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "stream" not in state:
+            raise ConfigError("resume: the checkpoint was saved with a map-style training set, and build_datasets "
+                              "now returns an iterable one; start afresh (init_from= keeps the weights)")  # fmt: skip
+        processes = state["stream"]
+        if len(processes) != self.world_size or len(processes[self.rank]) != self.workers:
+            raise ConfigError(
+                f"resume: an iterable training set continues exactly only as it was read, by {len(processes)} "
+                f"process(es) x {len(processes[0])} worker(s) each; now {self.world_size} x {self.workers}: "
+                "resume with those (torchrun's --nproc-per-node, num_workers), or start afresh with init_from="
+            )
+        self.positions = processes[self.rank]
+        self._iterator = None
+
+
 def build_loaders(
-    cfg: Config, train_set: Dataset, val_set: Dataset, device: torch.device, rank: int = 0, world_size: int = 1
-) -> tuple[BatchStream, DataLoader]:
-    sampler = ResumableSampler(train_set, seed=cfg.seed, num_replicas=world_size, rank=rank)
-    batches_per_epoch = len(sampler) // cfg.batch_size
-    if batches_per_epoch < 1:
+    cfg: Config, train_set: Dataset, val_set: Dataset, ctx: Dist
+) -> tuple[BatchStream | StreamBatches, DataLoader]:
+    """The training batches (endless, resumable) and the validation loader of this process (``ctx``)."""
+    if isinstance(val_set, IterableDataset):
         raise ConfigError(
-            f"the training set has {len(train_set)} samples ({len(sampler)} per process), "
-            f"fewer than one batch of batch_size={cfg.batch_size}"
-        )
-    if len(val_set) < world_size:
-        raise ConfigError(
-            f"the validation set has {len(val_set)} sample(s), fewer than the {world_size} process(es) "
-            "that each evaluate a part of it"
+            "build_datasets returned an iterable validation set: make it map-style (a list of its samples, e.g. "
+            "list(itertools.islice(stream, n))), so that every process evaluates its own share of it"
         )
     common = dict(
         num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=ctx.device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
         worker_init_fn=init_worker if cfg.num_workers > 0 else None,
     )
-    train_loader = DataLoader(
-        WorkerSeeded(train_set),
-        # Whole batches only: every rank takes the same number of batches per epoch, and a position is a batch count.
-        batch_sampler=SeededBatches(sampler, cfg.batch_size, cfg.seed, rank),
-        generator=torch.Generator(),
-        **common,
-    )
-    val_sampler = ShardSampler(len(val_set), rank, world_size, limit=cfg.max_eval_batches * cfg.batch_size)
+    if len(val_set) < ctx.world_size:
+        raise ConfigError(
+            f"the validation set has {len(val_set)} sample(s), fewer than the {ctx.world_size} process(es) "
+            "that each evaluate a part of it"
+        )
+    val_sampler = ShardSampler(len(val_set), ctx.rank, ctx.world_size, limit=cfg.max_eval_batches * cfg.batch_size)
     # Its own generator too: a DataLoader without one draws worker seeds from the global
     # RNG, so evaluating would shift the dropout stream of training.
     val_loader = DataLoader(
         val_set, batch_size=cfg.batch_size, sampler=val_sampler, generator=torch.Generator(), **common
     )
-    return BatchStream(train_loader, sampler, cfg.batch_size, cfg.seed, rank), val_loader
+    if isinstance(train_set, IterableDataset):  # batched by SeededStream itself (batch_size=None)
+        stream = SeededStream(train_set, cfg.batch_size, cfg.seed, ctx.rank)
+        loader = DataLoader(stream, batch_size=None, generator=torch.Generator(), **common)
+        return StreamBatches(loader, ctx.rank, ctx.world_size, ctx.gather_on_main), val_loader
+    sampler = ResumableSampler(train_set, seed=cfg.seed, num_replicas=ctx.world_size, rank=ctx.rank)
+    if len(sampler) // cfg.batch_size < 1:
+        raise ConfigError(
+            f"the training set has {len(train_set)} samples ({len(sampler)} per process), "
+            f"fewer than one batch of batch_size={cfg.batch_size}"
+        )
+    train_loader = DataLoader(
+        WorkerSeeded(train_set),
+        # Whole batches only: every rank takes the same number of batches per epoch, and a position is a batch count.
+        batch_sampler=SeededBatches(sampler, cfg.batch_size, cfg.seed, ctx.rank),
+        generator=torch.Generator(),
+        **common,
+    )
+    return BatchStream(train_loader, sampler, cfg.batch_size, cfg.seed, ctx.rank), val_loader

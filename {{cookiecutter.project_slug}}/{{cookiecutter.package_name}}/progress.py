@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .config import Config, differences, to_dict
+from .speed import Speed
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ def clock(seconds: float) -> str:
 class Progress:
     """Step counter with throughput; draws a tqdm bar or logs plain lines, refreshed at log steps."""
 
-    def __init__(self, cfg: Config, step: int, samples_per_step: int, is_main: bool):
-        self.samples_per_step, self.total = samples_per_step, cfg.max_steps
+    def __init__(self, cfg: Config, step: int, samples_per_step: int, is_main: bool, speed: Speed):
+        self.samples_per_step, self.total, self.speed = samples_per_step, cfg.max_steps, speed
         self.show_bar = is_main and cfg.progress and terminal_columns() >= MIN_BAR_COLUMNS
         # The loss shown is the mean over the last log_every steps: smoothed, and read at no extra cost.
         self.bar = tqdm(
@@ -82,27 +83,31 @@ class Progress:
         self.last_step, self.last_time, self.last_excluded = step, time.perf_counter(), excluded
         self.timed_from = (step, self.last_time, excluded)
 
-    def update(self, step: int, loss: float | None, lr: float, grad_norm: float | None, excluded: float) -> None:
-        """``loss`` is the mean over the steps since the last update; ``excluded``: seconds so far spent
-        evaluating and saving, left out of the throughput."""
+    def update(self, step: int, record: dict[str, Any], terms_per_step: float, excluded: float) -> None:
+        """Show a log ``record`` (its loss: the mean over the steps since the last one) and add the speed to it:
+        tokens_per_s, peak_memory_mb, mfu (speed.py). ``excluded``: seconds so far spent evaluating and saving,
+        left out of the throughput."""
         now = time.perf_counter()
         busy = now - self.last_time - (excluded - self.last_excluded)
         if step > self.last_step:
             self.steps_per_second = (step - self.last_step) / max(busy, 1e-9)
             self.samples_per_second = self.steps_per_second * self.samples_per_step
         self.last_step, self.last_time, self.last_excluded = step, now, excluded
-        shown_loss = loss if loss is not None else float("nan")
+        record.update(self.speed.measure(self.steps_per_second, terms_per_step))
+        loss, grad_norm = record.get("loss", float("nan")), record.get("grad_norm", float("nan"))
+        memory = f"  peak {record['peak_memory_mb']:,.0f} MB" if "peak_memory_mb" in record else ""
+        mfu = f"  mfu {record['mfu']:.1%}" if "mfu" in record else ""
         if self.show_bar:
             self.bar.set_postfix_str(
-                f"loss {shown_loss:.4f}  lr {lr:.2e}  {self.samples_per_second:,.0f} samples/s", refresh=False
+                f"loss {loss:.4f}  lr {record['lr']:.2e}  {self.samples_per_second:,.0f} samples/s{mfu}", refresh=False
             )
             self.bar.update(step - self.bar.n)
         else:
             left = (self.total - step) / self.steps_per_second if self.steps_per_second else 0.0
             log.info(
-                "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %s samples/s  elapsed %s  left ~%s",
-                step, self.total, shown_loss, lr, grad_norm if grad_norm is not None else float("nan"),
-                f"{self.samples_per_second:,.0f}", clock(now - self.started), clock(left),
+                "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %s samples/s  %s tokens/s%s%s  elapsed %s  left ~%s",
+                step, self.total, loss, record["lr"], grad_norm, f"{self.samples_per_second:,.0f}",
+                f"{record['tokens_per_s']:,.0f}", memory, mfu, clock(now - self.started), clock(left),
             )  # fmt: skip
 
     def close(self, step: int, excluded: float) -> tuple[float, int]:

@@ -20,11 +20,14 @@ except ImportError:  # NumPy is optional
     np = None
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, cuda: bool = True) -> None:
     random.seed(seed)
     if np is not None:
         np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+    if cuda:
+        torch.manual_seed(seed)  # also seeds every CUDA device
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -35,18 +38,19 @@ def seed_worker(worker_id: int) -> None:
         np.random.seed(worker_seed)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(cuda: bool = True) -> dict[str, Any]:
     """Every RNG stream this process uses, as tensors, numbers and lists only (loads with weights_only=True).
 
     Of the GPUs, only the current one's: each process trains on one device (distributed.setup makes it
-    the current one), and a resumed process may see fewer GPUs than the one that saved.
+    the current one), and a resumed process may see fewer GPUs than the one that saved. ``cuda=False``: the
+    CPU's streams only.
     """
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-        "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if cuda and torch.cuda.is_initialized() else None,
+        "mps": torch.mps.get_rng_state() if cuda and torch.backends.mps.is_available() else None,
         "numpy": None,
     }
     if np is not None:

@@ -47,7 +47,7 @@ class TrainingError(RuntimeError):
 class StepLog:
     """Step bookkeeping: the steps' values on the device until read, then the totals of the next log record."""
 
-    SAVED = ("clean_steps", "loss_total", "grad_norm_total", "skipped", "skipped_total", "bad_streak")
+    SAVED = ("clean_steps", "loss_total", "grad_norm_total", "skipped", "skipped_total", "bad_streak", "terms", "steps")
 
     def __init__(self) -> None:
         self.unread: list[tuple[torch.Tensor, ...]] = []  # (loss sum, count, grad norm) of the steps not read yet
@@ -58,6 +58,8 @@ class StepLog:
         self.skipped = 0  # steps skipped for non-finite gradients
         self.skipped_total = 0  # the same, over the whole run
         self.bad_streak = 0  # consecutive steps with a non-finite loss or gradient
+        self.terms, self.steps = 0.0, 0  # since the last log record: loss terms (tokens...) and steps, for tokens_per_s
+        self.terms_per_step = 0.0  # their mean, at the last log record
 
     def add(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
         """A step's summed loss, its count of terms and its gradient norm, tensors left where they are."""
@@ -75,10 +77,11 @@ class StepLog:
         rows = []
         if self.unread:
             sums, counts, norms = (torch.stack(column) for column in zip(*self.unread, strict=True))
-            rows = torch.stack((sums / counts, norms), dim=1).float().tolist()  # each step's mean loss and norm
+            rows = torch.stack((sums / counts, norms, counts), dim=1).double().tolist()  # mean loss, norm, terms
         self.unread.clear()
         bad_steps = []
-        for step, (loss, grad_norm) in enumerate(rows, start=last_step - len(rows) + 1):
+        for step, (loss, grad_norm, terms) in enumerate(rows, start=last_step - len(rows) + 1):
+            self.terms, self.steps = self.terms + terms, self.steps + 1
             skipped = not math.isfinite(grad_norm)
             bad = not math.isfinite(loss) or (skipped and not fp16)
             self.skipped += skipped
@@ -103,7 +106,9 @@ class StepLog:
         if self.clean_steps:
             record["loss"] = self.loss_total / self.clean_steps
             record["grad_norm"] = self.grad_norm_total / self.clean_steps
+        self.terms_per_step = self.terms / max(self.steps, 1)
         self.clean_steps, self.loss_total, self.grad_norm_total, self.skipped = 0, 0.0, 0.0, 0
+        self.terms, self.steps = 0.0, 0
         return record
 
     def state_dict(self) -> dict[str, Any]:
@@ -111,7 +116,7 @@ class StepLog:
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         for name in self.SAVED:
-            setattr(self, name, saved[name])
+            setattr(self, name, saved.get(name, 0))  # terms and steps: absent from older checkpoints
 
 
 @dataclass

@@ -67,6 +67,7 @@ from .progress import Progress, describe_run
 from .schedule import build_scheduler
 from .seed import seed_everything
 from .signals import StopRequest
+from .speed import Speed
 from .state import TrainingError, TrainState
 from .task import METRIC_GOALS, compute_loss
 from .trackers import TrackerError
@@ -269,7 +270,7 @@ def set_up(cfg: Config, ctx: distributed.Dist, precision: Precision) -> tuple[Tr
     # Accelerate's GradScaler for fp16 on a GPU; otherwise one that does nothing (checkpoints hold its state).
     scaler = ctx.accelerator.scaler or torch.amp.GradScaler(ctx.device.type, enabled=False)
 {%- endif %}
-    batches, val_loader = build_loaders(cfg, train_set, val_set, ctx.device, ctx.rank, ctx.world_size)
+    batches, val_loader = build_loaders(cfg, train_set, val_set, ctx)
     if ctx.enabled:
         seed_everything(cfg.seed + ctx.rank)  # each rank its own dropout/augmentation stream
     if cfg.compile:
@@ -304,6 +305,7 @@ def run(cfg: Config, ctx: distributed.Dist, stop: StopRequest) -> dict[str, Any]
     metrics_log = run_folder.open_run_folder(state, ctx, resumed=resumed_from is not None)
     describe_run(cfg, ctx.device, precision.name, sum(p.numel() for p in state.params), ctx.world_size,
                  f"resumed from {resumed_from} at step {state.step}" if resumed_from else "")  # fmt: skip
+    log.info("data:       %s", state.batches.describe())
     best, latest = Path(cfg.out_dir) / "best.pt", run_folder.latest_checkpoint(cfg)
     if state.eval_due and validate(state, val_loader, ctx, precision, metrics_log):
         save_best(best, state, ctx)  # the evaluation a stop request cut short, done as the uninterrupted run did
@@ -311,7 +313,8 @@ def run(cfg: Config, ctx: distributed.Dist, stop: StopRequest) -> dict[str, Any]
     stop_agreement = distributed.AgreedNextStep(ctx)
     start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
     state.model.train()
-    progress = Progress(cfg, state.step, cfg.batch_size * cfg.accum_steps * ctx.world_size, ctx.is_main)
+    speed = Speed(cfg, ctx.device, val_loader, build_model, compute_loss)  # tokens/s, memory, mfu (speed.py)
+    progress = Progress(cfg, state.step, cfg.batch_size * cfg.accum_steps * ctx.world_size, ctx.is_main, speed)
     # While the bar is drawn, log lines are written above it instead of through it.
     redirect = logging_redirect_tqdm() if progress.show_bar else contextlib.nullcontext()
     with redirect:
@@ -333,8 +336,8 @@ def run(cfg: Config, ctx: distributed.Dist, stop: StopRequest) -> dict[str, Any]
             state.step_log.read(state.step, state.scaler.is_enabled(), cfg.max_bad_steps)
             if do_log:
                 record = state.step_log.record(state.step)
+                progress.update(state.step, record, state.step_log.terms_per_step, outside_seconds)  # + the speed
                 metrics_log.write(record, group="train")  # rank 0 only
-                progress.update(state.step, record.get("loss"), record["lr"], record.get("grad_norm"), outside_seconds)
             paused = time.perf_counter()
             # 6. Validation + best checkpoint: best.pt is replaced only when the monitored metric improves.
             if do_eval:

@@ -1,0 +1,139 @@
+"""An iterable training set (a stream): each process and worker reads its own part, and a stopped run resumes
+bit-exact, by the dataset's own state_dict() or by reading again what it had read."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from {{ cookiecutter.package_name }}.config import ConfigError
+from {{ cookiecutter.package_name }}.distributed import Dist
+from {{ cookiecutter.package_name }}.loader import build_loaders
+from {{ cookiecutter.package_name }}.train import main, train
+
+from . import stand_in
+from .conftest import checkpoint, cli
+from .test_resume import RUN, assert_same_run, signal_during_step, start_training
+
+KINDS = ["plain", "stateful"]  # without state_dict (read again on resume), and with it
+
+
+@pytest.fixture
+def stream(monkeypatch):
+    """The tests' task with its training set as a stream; ``stream(kind)`` picks the kind. Returns the indices
+    read in this process (without workers: every one), emptied at each call."""
+
+    def use(kind: str) -> list[int]:
+        monkeypatch.setattr(stand_in, "STREAM", kind)
+        monkeypatch.setattr(stand_in.SequenceStream, "read", [])
+        return stand_in.SequenceStream.read
+
+    return use
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_epoch_reads_every_sample_once_in_its_own_order(make_config, stream, num_workers):
+    cfg = make_config("batch_size=32", f"num_workers={num_workers}")
+    numbered = torch.utils.data.TensorDataset(torch.zeros(1024, stand_in.MAX_LEN, dtype=torch.long), torch.arange(1024))
+    batches, _ = build_loaders(cfg, stand_in.SequenceStream(numbered, seed=0), numbered, Dist())
+    epochs = [torch.cat([next(batches)[1] for _ in range(32)]).tolist() for _ in range(2)]  # targets: the indices
+    assert all(sorted(epoch) == list(range(1024)) for epoch in epochs)
+    assert epochs[0] != epochs[1]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_sigterm_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch, stream, kind, num_workers):
+    stream(kind)
+    run = [*RUN, f"num_workers={num_workers}"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    interrupted = make_config(*run, name="interrupted")
+    with monkeypatch.context() as patch:
+        signal_during_step(patch, step=23)  # epoch 1 (32 batches an epoch, 2 per step), between checkpoints
+        assert train(interrupted)["exit_code"] == 128 + signal.SIGTERM
+    positions = checkpoint(interrupted.out_dir)["data"]["stream"]  # one process, its workers' positions
+    assert [len(workers) for workers in positions] == [max(num_workers, 1)]
+    assert sum(p["batch"] for p in positions[0]) == 46 - 32 and {p["epoch"] for p in positions[0]} == {1}
+    assert all((p["dataset"] is not None) == (kind == "stateful") for p in positions[0])
+
+    read = stream(kind)
+    assert train(make_config(*run, "resume=auto", name="interrupted"))["exit_code"] == 0
+    assert_same_run(reference.out_dir, interrupted.out_dir)
+    if num_workers == 0:  # the batches of the resumed run, 17 steps of 2, and what it read to get there
+        read_again = 14 * 32 if kind == "plain" else 0
+        assert len(read) == read_again + 34 * 32
+
+
+@pytest.mark.parametrize(("kind", "num_workers"), [("plain", 2), ("stateful", 0)])
+def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config, monkeypatch, stream, kind, num_workers):
+    stream(kind)
+    monkeypatch.setenv("STAND_IN_STREAM", kind)  # for the process the test kills
+    run = ["max_steps=120", "accum_steps=2", "log_every=10", "eval_every=50", "ckpt_every=30",
+           f"num_workers={num_workers}"]  # fmt: skip
+    reference = make_config(*run, name="reference")
+    train(reference)
+    out_dir = Path(reference.out_dir).parent / "killed"
+    process = start_training(out_dir, *run)
+    for line in process.stdout:  # once a last.pt exists, wherever the run happens to be
+        if line.startswith("step 70/"):
+            process.kill()
+            break
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    assert 60 <= checkpoint(out_dir)["step"] < 120
+    assert train(make_config(*run, "resume=auto", name="killed"))["step"] == 120
+    assert_same_run(reference.out_dir, str(out_dir))
+
+
+def test_the_datas_random_draws_leave_the_training_streams_alone(make_config, stream):
+    stream("plain")  # draws from torch, NumPy and Python as it is read, in this process (no workers)
+    cfg = make_config()
+    train_set, val_set = stand_in.build_datasets(cfg)
+    batches, _ = build_loaders(cfg, train_set, val_set, Dist())
+    torch.manual_seed(1)
+    next(batches)
+    after_a_batch = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_a_batch)
+
+
+def test_the_start_block_says_how_the_stream_resumes(make_config, stream, caplog):
+    for kind, name, says in [("plain", "SequenceStream", "reading again the batches already trained on"),
+                             ("stateful", "StatefulSequenceStream", "its own state_dict()")]:  # fmt: skip
+        stream(kind)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            train(make_config("max_steps=2", "warmup_steps=0", "overwrite=true"))
+        assert f"data:       an iterable training set ({name}, 1 part(s) per process)" in caplog.text
+        assert f"a resumed run continues it by {says}" in caplog.text
+
+
+def test_resuming_a_stream_with_other_workers_is_one_line(make_config, stream, capsys):
+    stream("plain")
+    cfg = make_config()
+    assert main(cli(cfg.out_dir, "max_steps=4", "warmup_steps=0", "num_workers=0")) == 0
+    capsys.readouterr()
+    assert main(cli(cfg.out_dir, "max_steps=8", "warmup_steps=0", "num_workers=2", "resume=auto")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "continues exactly only as it was read, by 1 process(es) x 1 worker(s) each; now 1 x 2" in err
+
+
+def test_a_stream_too_short_for_a_batch_and_an_iterable_validation_set_are_one_line(make_config, stream, monkeypatch,
+                                                                                   capsys):  # fmt: skip
+    stream("plain")
+    monkeypatch.setattr(stand_in, "TRAIN_SIZE", 40)  # 20 a worker: fewer than a batch of 32
+    assert main(cli(make_config().out_dir, "num_workers=2")) == 2
+    err = capsys.readouterr().err
+    assert err == "error: the training set gave worker 0 of process 0 fewer than batch_size=32 samples in an epoch\n"
+
+    def iterable_validation(cfg):
+        train_set, val_set = stand_in.Sequences(64, torch.Generator()), stand_in.Sequences(64, torch.Generator())
+        return train_set, stand_in.SequenceStream(val_set, 0)
+
+    with pytest.raises(ConfigError, match="an iterable validation set: make it map-style"):
+        build_loaders(make_config(), *iterable_validation(None), Dist())
