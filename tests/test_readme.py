@@ -117,6 +117,32 @@ def example(readme: str, heading: str) -> tuple[dict[str, str], str]:
     return files, blocks(section, "yaml")[0]
 
 
+def apply_example(project: Path, files: dict[str, str], task_group: str) -> None:
+    """Write an example's files into a baked project, and its task: group into both configs."""
+    for path, text in files.items():
+        (project / path).write_text(text)
+    for config in ("smoke.yaml", "default.yaml"):  # the task: group is the last thing in both
+        path = project / "configs" / config
+        text = path.read_text()
+        path.write_text(text[: text.index("\ntask:") + 1] + task_group)
+
+
+def run_in(project: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=project, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def lints_and_passes_its_task_tests(project: Path, env: dict | None = None) -> None:
+    for lint in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
+        result = run_in(project, *lint)
+        assert result.returncode == 0, result.stdout + result.stderr
+    collected = run_in(project, "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", env=env)
+    assert collected.returncode == 0 and " tests collected" in collected.stdout, collected.stdout[-2000:]
+    tests = ["tests/test_your_task.py", "tests/test_config.py"]
+    result = run_in(project, "pytest", "-q", "-p", "no:cacheprovider", *tests, env=env)
+    assert result.returncode == 0, result.stdout[-4000:]
+
+
 @pytest.mark.parametrize("heading", ["A regression", "A language model"])
 def test_a_readme_example_replaces_the_task_and_every_test_still_collects(tmp_path, user_config, heading):
     """Replacing data.py, model.py, task.py and the task: groups as the README says leaves a project that
@@ -126,21 +152,41 @@ def test_a_readme_example_replaces_the_task_and_every_test_still_collects(tmp_pa
     readme = (project / "README.md").read_text()
     files, task_group = example(readme, heading)
     assert sorted(files) == [f"{package}/data.py", f"{package}/model.py", f"{package}/task.py"]
-    for path, text in files.items():
-        (project / path).write_text(text)
-    for config in ("smoke.yaml", "default.yaml"):  # the task: group is the last thing in both
-        path = project / "configs" / config
-        text = path.read_text()
-        path.write_text(text[: text.index("\ntask:") + 1] + task_group)
+    apply_example(project, files, task_group)
     (project / "input.txt").write_text(readme)  # the language model's text: this README
+    lints_and_passes_its_task_tests(project)
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", *args], cwd=project, capture_output=True, text=True, timeout=600)
 
-    for lint in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
-        result = run(*lint)
-        assert result.returncode == 0, result.stdout + result.stderr
-    collected = run("pytest", "--collect-only", "-q", "-p", "no:cacheprovider")
-    assert collected.returncode == 0 and " tests collected" in collected.stdout, collected.stdout[-2000:]
-    result = run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_your_task.py", "tests/test_config.py")
-    assert result.returncode == 0, result.stdout[-4000:]
+@pytest.mark.parametrize(
+    ("heading", "num_workers"),
+    [("A stream of token blocks from a file", 2), ("A Hugging Face `datasets` stream", 0)],  # the file: one shard
+)
+def test_a_readme_streaming_example_trains_and_resumes_exactly(tmp_path, user_config, heading, num_workers):
+    """The language model example with a streaming data.py, as the README says: it lints, passes the task's
+    tests, and a run stopped at step 6 and resumed reaches step 12 with the uninterrupted run's weights."""
+    project = bake(tmp_path, user_config, run_smoke_test=False)
+    package = project.name.replace("-", "_")
+    readme = (project / "README.md").read_text()
+    apply_example(project, *example(readme, "A language model"))
+    files, task_group = example(readme, heading)
+    apply_example(project, files, task_group)
+    (project / "input.txt").write_text(readme)
+    if "prepare.py" in files:  # the token file's: data/train.bin and data/val.bin, the text's bytes
+        task = project / package / "task.py"
+        task.write_text(task.read_text().replace('text_file: str = "input.txt"', 'data_dir: str = "data"'))
+        assert run_in(project, "prepare").returncode == 0
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # local files only: nothing is downloaded
+    lints_and_passes_its_task_tests(project, env=offline)
+    run = ["--config", "configs/smoke.yaml", "decay_steps=12", "warmup_steps=2", "eval_every=6", "ckpt_every=6",
+           "log_every=3", "num_threads=1", f"num_workers={num_workers}"]  # fmt: skip
+    for out_dir, steps in (("whole", 12), ("stopped", 6), ("stopped", 12)):
+        extra = ["resume=auto"] if steps == 12 and out_dir == "stopped" else []
+        result = run_in(project, f"{package}.train", *run, f"max_steps={steps}", f"out_dir=runs/{out_dir}", *extra,
+                        env=offline)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "a resumed run continues it by its own state_dict()" in result.stdout
+    assert "resumed from runs/stopped/last.pt at step 6" in result.stdout
+    whole, resumed = (torch.load(project / "runs" / run / "last.pt", weights_only=True) for run in ("whole", "stopped"))
+    assert whole["step"] == resumed["step"] == 12
+    for name, weights in whole["model"].items():
+        assert torch.equal(weights, resumed["model"][name]), name

@@ -1,8 +1,9 @@
 """YOURS TO REPLACE: the datasets.
 
 ``build_datasets(cfg)`` returns ``(train_dataset, val_dataset)``: map-style
-datasets (``__len__`` and ``__getitem__``) whose items are ``(input, target)``.
-The loop never looks inside them. The stand-in below is a synthetic
+datasets (``__len__`` and ``__getitem__``) whose items are ``(input, target)``,
+or for training an ``IterableDataset`` that reads its part (``loader.stream_part``;
+README: Streaming training data). The loop never looks inside them. The stand-in below is a synthetic
 classification task generated from the seed (no downloads): Gaussian clusters,
 one per class, in ``task.input_dim`` dimensions.
 
