@@ -103,6 +103,7 @@ def test_piped_output_has_plain_lines_and_no_bar(tmp_path):
 def test_a_terminal_gets_one_progress_bar(tmp_path):
     out = run_cli(tmp_path / "run", terminal=True)
     assert "40/40" in out and "samples/s" in out and "\r" in out  # tqdm redraws in place
+    assert re.search(r"[\d,]+ tokens/s  peak [\d,]+ MB", out), out  # the speed figures (speed.py)
     assert not PLAIN_LINE.search(out.replace("\r", "\n"))
     assert "eval step 20" in out and "done: 40 steps" in out  # log lines still show, above the bar
 

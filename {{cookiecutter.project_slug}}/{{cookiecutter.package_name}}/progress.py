@@ -98,9 +98,8 @@ class Progress:
         memory = f"  peak {record['peak_memory_mb']:,.0f} MB" if "peak_memory_mb" in record else ""
         mfu = f"  mfu {record['mfu']:.1%}" if "mfu" in record else ""
         if self.show_bar:
-            self.bar.set_postfix_str(
-                f"loss {loss:.4f}  lr {record['lr']:.2e}  {self.samples_per_second:,.0f} samples/s{mfu}", refresh=False
-            )
+            speed = f"{self.samples_per_second:,.0f} samples/s  {record['tokens_per_s']:,.0f} tokens/s{memory}{mfu}"
+            self.bar.set_postfix_str(f"loss {loss:.4f}  lr {record['lr']:.2e}  {speed}", refresh=False)
             self.bar.update(step - self.bar.n)
         else:
             left = (self.total - step) / self.steps_per_second if self.steps_per_second else 0.0
