@@ -39,6 +39,7 @@ DROPOUT = float(os.environ.get("STAND_IN_DROPOUT", "0.1"))
 WIDTH = int(os.environ.get("STAND_IN_WIDTH", "32"))
 # The training set as a stream (an IterableDataset): "plain", without state_dict; "stateful", with it. "": map-style.
 STREAM = os.environ.get("STAND_IN_STREAM", "")
+VAL_STREAM = bool(os.environ.get("STAND_IN_VAL_STREAM"))  # the validation set as a stream too (SequenceParts)
 
 # The loop settings of every guarantee test, before its own: none is left to config.py's defaults or
 # to configs/*.yaml, which are yours to change.
@@ -139,12 +140,23 @@ class StatefulSequenceStream(SequenceStream):
         self.resume_at = state["given"]
 
 
+class SequenceParts(IterableDataset):
+    """The validation sequences as a finite stream: this process and worker's part (stream_part), in order."""
+
+    def __init__(self, sequences: Sequences):
+        self.sequences = sequences
+
+    def __iter__(self):
+        part, parts = stream_part()
+        return (self.sequences[index] for index in range(part, len(self.sequences), parts))
+
+
 def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     generator = torch.Generator().manual_seed(cfg.seed)
     train_set, val_set = Sequences(TRAIN_SIZE, generator), Sequences(VAL_SIZE, generator)
     if STREAM:
         train_set = {"plain": SequenceStream, "stateful": StatefulSequenceStream}[STREAM](train_set, cfg.seed)
-    return train_set, val_set
+    return train_set, SequenceParts(val_set) if VAL_STREAM else val_set
 
 
 def build_model(cfg) -> nn.Module:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }}.config import ConfigError
+from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }}.distributed import Dist
 from {{ cookiecutter.package_name }}.loader import build_loaders
 from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
-from .conftest import checkpoint, cli
+from .conftest import checkpoint, cli, eval_records
 from .test_resume import RUN, assert_same_run, signal_during_step, start_training
 
 KINDS = ["plain", "stateful"]  # without state_dict (read again on resume), and with it
@@ -68,7 +68,8 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch
         assert len(read) == read_again + 34 * 32
 
 
-@pytest.mark.parametrize(("kind", "num_workers"), [("plain", 2), ("stateful", 0)])
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("kind", KINDS)
 def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config, monkeypatch, stream, kind, num_workers):
     stream(kind)
     monkeypatch.setenv("STAND_IN_STREAM", kind)  # for the process the test kills
@@ -123,17 +124,41 @@ def test_resuming_a_stream_with_other_workers_is_one_line(make_config, stream, c
     assert "continues exactly only as it was read, by 1 process(es) x 1 worker(s) each; now 1 x 2" in err
 
 
-def test_a_stream_too_short_for_a_batch_and_an_iterable_validation_set_are_one_line(make_config, stream, monkeypatch,
-                                                                                   capsys):  # fmt: skip
+def test_a_stream_too_short_for_a_batch_is_one_line(make_config, stream, monkeypatch, capsys):
     stream("plain")
     monkeypatch.setattr(stand_in, "TRAIN_SIZE", 40)  # 20 a worker: fewer than a batch of 32
     assert main(cli(make_config().out_dir, "num_workers=2")) == 2
     err = capsys.readouterr().err
     assert err == "error: the training set gave worker 0 of process 0 fewer than batch_size=32 samples in an epoch\n"
 
-    def iterable_validation(cfg):
-        train_set, val_set = stand_in.Sequences(64, torch.Generator()), stand_in.Sequences(64, torch.Generator())
-        return train_set, stand_in.SequenceStream(val_set, 0)
 
-    with pytest.raises(ConfigError, match="an iterable validation set: make it map-style"):
-        build_loaders(make_config(), *iterable_validation(None), Dist())
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_iterable_validation_set_measures_what_the_same_samples_do_map_style(make_config, monkeypatch,
+                                                                               num_workers):  # fmt: skip
+    run = ["max_steps=4", "warmup_steps=0", "eval_every=2", "log_every=2", f"num_workers={num_workers}"]
+    train(make_config(*run, name="map"))
+    monkeypatch.setattr(stand_in, "VAL_STREAM", True)
+    train(make_config(*run, name="stream"))
+    evaluations = [eval_records(make_config(name=name).out_dir) for name in ("map", "stream")]
+    assert [r["step"] for r in evaluations[1]] == [2, 4]
+    if num_workers == 0:  # the same batches, in the same order
+        assert evaluations[0] == evaluations[1]
+    else:  # each worker batches its half: other batches, the same samples
+        for a, b in zip(*evaluations, strict=True):
+            assert all(b[key] == pytest.approx(a[key], rel=1e-6) for key in a)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_max_eval_batches_caps_an_iterable_validation_set_at_as_many_samples(make_config, monkeypatch, num_workers):
+    seen = []
+
+    def spy(output, target, task):
+        seen.append(len(target))
+        return stand_in.metric_totals(output, target, task)
+
+    monkeypatch.setattr(evaluate_module, "metric_totals", spy)
+    monkeypatch.setattr(stand_in, "VAL_STREAM", True)
+    run = ["max_steps=2", "warmup_steps=0", "eval_every=2", "log_every=2", f"num_workers={num_workers}"]
+    train(make_config(*run, "max_eval_batches=3"))
+    assert sum(seen) == 3 * 32  # 3 batches' worth; with 2 workers, 48 samples each: batches of 32 and 16
+    assert sorted(seen) == ([32] * 3 if num_workers == 0 else [16, 16, 32, 32])

@@ -80,11 +80,15 @@ class Dist:
 
     def agree_max(self, value: int) -> int:
         """The largest ``value`` over all ranks (a host-side collective; identity when alone)."""
+        return self.agree_max_each([value])[0]
+
+    def agree_max_each(self, values: list[int]) -> list[int]:
+        """The largest of each of ``values`` over all ranks, in one host-side collective (identity when alone)."""
         if not self.enabled:
-            return value
-        flag = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
-        return int(flag.item())
+            return [int(value) for value in values]
+        flags = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
+        return flags.tolist()
 
 {%- if cookiecutter.loop == "plain" %}
 

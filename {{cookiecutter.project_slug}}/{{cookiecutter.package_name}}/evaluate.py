@@ -9,8 +9,8 @@ reproduces the metrics recorded when it was saved.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
-import math
 import sys
 import zlib
 from collections.abc import Callable
@@ -27,9 +27,33 @@ from .distributed import Dist
 from .loader import build_loaders
 from .model import build_model
 from .precision import Precision, resolve_device, resolve_precision
+from .signals import StopRequest
 from .task import TaskConfig, compute_metrics, metric_totals
 
 log = logging.getLogger(__name__)
+
+
+def evaluation_agreement(ctx: Dist, stop: StopRequest | None = None) -> Callable[[bool, int], str]:
+    """For ``evaluate``, asked before each batch with whether this process has one (and the batch's index): "stop"
+    when a stop request (``stop``) abandons the evaluation, "end" when no process has a batch left, "empty" when a
+    process had none from the start (a part of an iterable validation set may be), else "go". Under torchrun every
+    rank gets the same answer, from one host-side all-reduce a batch."""
+
+    def go_on(has_batch: bool, index: int) -> str:
+        reason = stop.reason() if stop is not None else 0
+        reason, anyone, someone_without = ctx.agree_max_each([reason, has_batch, not has_batch])
+        if reason:
+            return "stop"
+        if not anyone:
+            return "end"
+        return "empty" if index == 0 and someone_without else "go"
+
+    return go_on
+
+
+def alone(has_batch: bool, index: int) -> str:
+    """``evaluate``'s ``go_on`` in one process, without stop requests: every batch, then the end."""
+    return "go" if has_batch else "end"
 
 
 # no_grad, not inference_mode: a tensor that the model caches during evaluation (rotary tables,
@@ -37,14 +61,17 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision, task: TaskConfig,
-    stop: Callable[[int], bool] | None = None,
+    go_on: Callable[[bool, int], str] = alone,
 ) -> dict[str, float] | None:  # fmt: skip
     """The task's metrics over the whole validation set: ``metric_totals`` added up over every batch
     (and every process), then ``compute_metrics`` once, read back once at the end. ``task``: the
     config's task settings (``cfg.task``), which both receive.
 
-    ``stop(batch_index)`` is asked before each batch: True abandons the evaluation (returns None),
-    so that a preempted job saves at once instead of after a long evaluation.
+    ``go_on`` (``evaluation_agreement`` under the training loop) is asked before each batch: "stop" abandons
+    the evaluation (returns None), so that a preempted job saves at once instead of after a long evaluation.
+    Under torchrun the processes go on together until none has a batch left: one whose part is shorter repeats
+    its last batch meanwhile, uncounted, as DDP may broadcast buffers and FSDP gathers each unit's weights from
+    every rank, in each forward.
     """
     was_training = model.training
     model.eval()
@@ -52,13 +79,23 @@ def evaluate(
     dtype = torch.float32 if device.type == "mps" else torch.float64
     totals: dict[str, torch.Tensor] = {}
     problem = ""  # a batch whose totals do not add up with the others' (task.py); found, the rest go on
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    batches, inputs = iter(loader), None
     try:
-        for index, (inputs, targets) in enumerate(loader):
-            if stop is not None and stop(index):
+        for index in itertools.count():
+            batch = next(batches, None)
+            verdict = go_on(batch is not None, index)
+            if verdict == "stop":
                 return None
-            inputs = inputs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
+            if verdict == "end":
+                break
+            if verdict == "empty":
+                raise ConfigError("a process had no validation batch: every process's part of an iterable "
+                                  "validation set (loader.stream_part) needs at least one sample")  # fmt: skip
+            if batch is None:  # another process still has batches: the same forward again, uncounted
+                with precision.autocast():
+                    model(inputs)
+                continue
+            inputs, targets = (tensor.to(device, non_blocking=True) for tensor in batch)
             with precision.autocast():
                 output = model(inputs)
             batch = {name: torch.as_tensor(value, device=device).to(dtype)
@@ -66,15 +103,9 @@ def evaluate(
             problem = problem or layout_problem(totals, batch, index)
             if not problem:
                 totals = {name: totals[name] + value if totals else value for name, value in batch.items()}
-        if distributed:
-            # Every rank runs as many forwards as the largest shard needs: DDP may broadcast buffers, and FSDP
-            # gathers each unit's weights from every rank, in each forward. A shorter shard repeats its last
-            # batch, uncounted (the shards differ by one sample at most).
-            for _ in range(math.ceil(loader.sampler.largest / loader.batch_size) - len(loader)):
-                with precision.autocast():
-                    model(inputs)
     finally:
         model.train(was_training)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed:  # the same totals on every rank, or every rank stops (an all-reduce of others would hang)
         problem = agree_on_layout(totals, problem, device)
     if problem:

@@ -114,9 +114,6 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __init__(self, size: int, rank: int, world_size: int, limit: int = 0):
         self.indices = range(rank, size, world_size)[: limit or None]
-        # The shortest and the longest shard, the same on every rank: where the ranks' batches may differ.
-        self.smallest = min(size // world_size, limit or size)
-        self.largest = min(math.ceil(size / world_size), limit or size)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -171,6 +168,17 @@ class BatchStream:
     def global_batch(self) -> int:
         """Samples per batch over all processes."""
         return self.batch_size * self.sampler.num_replicas
+
+
+class FirstSamples(IterableDataset):
+    """The first ``limit`` samples of this process's part of an iterable validation set, shared by its workers."""
+
+    def __init__(self, dataset: IterableDataset, limit: int):
+        self.dataset, self.limit = dataset, limit
+
+    def __iter__(self) -> Iterator[Any]:
+        workers = get_worker_info().num_workers if get_worker_info() is not None else 1
+        return itertools.islice(iter(self.dataset), math.ceil(self.limit / workers))
 
 
 def stream_part() -> tuple[int, int]:
@@ -298,23 +306,23 @@ def build_loaders(
     cfg: Config, train_set: Dataset, val_set: Dataset, ctx: Dist
 ) -> tuple[BatchStream | StreamBatches, DataLoader]:
     """The training batches (endless, resumable) and the validation loader of this process (``ctx``)."""
-    if isinstance(val_set, IterableDataset):
-        raise ConfigError(
-            "build_datasets returned an iterable validation set: make it map-style (a list of its samples, e.g. "
-            "list(itertools.islice(stream, n))), so that every process evaluates its own share of it"
-        )
     common = dict(
         num_workers=cfg.num_workers,
         pin_memory=ctx.device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
         worker_init_fn=init_worker if cfg.num_workers > 0 else None,
     )
-    if len(val_set) < ctx.world_size:
+    limit = cfg.max_eval_batches * cfg.batch_size  # samples per process; 0: all
+    if isinstance(val_set, IterableDataset):  # it reads its own part (stream_part), in the same order each time
+        val_set = FirstSamples(val_set, limit) if limit else val_set
+        val_sampler = None
+    elif len(val_set) < ctx.world_size:
         raise ConfigError(
             f"the validation set has {len(val_set)} sample(s), fewer than the {ctx.world_size} process(es) "
             "that each evaluate a part of it"
         )
-    val_sampler = ShardSampler(len(val_set), ctx.rank, ctx.world_size, limit=cfg.max_eval_batches * cfg.batch_size)
+    else:
+        val_sampler = ShardSampler(len(val_set), ctx.rank, ctx.world_size, limit)
     # Its own generator too: a DataLoader without one draws worker seeds from the global
     # RNG, so evaluating would shift the dropout stream of training.
     val_loader = DataLoader(

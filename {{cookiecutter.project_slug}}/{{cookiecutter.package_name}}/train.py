@@ -57,7 +57,7 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, load_config
 from .data import build_datasets
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluation_agreement
 from .loader import build_loaders
 from .metrics import MetricsLog
 from .model import build_model
@@ -191,14 +191,14 @@ def is_better(value: float, best: float | None, goal: str) -> bool:
 
 def validate(
     state: TrainState, val_loader: DataLoader, ctx: distributed.Dist, precision: Precision, metrics_log: MetricsLog,
-    stop: Callable[[int], bool] | None = None,
+    go_on: Callable[[bool, int], str],
 ) -> bool | None:  # fmt: skip
     """Essential 6: evaluate, record, and say whether ``best.pt`` is due (``cfg.monitor`` improved).
 
-    None: a stop request abandoned the evaluation (see ``evaluate``); the run saves and stops, and
-    its resumption evaluates this step first.
+    ``go_on``: ``evaluation_agreement``. None: a stop request abandoned the evaluation (see ``evaluate``); the
+    run saves and stops, and its resumption evaluates this step first.
     """
-    metrics = evaluate(state.model, val_loader, ctx.device, precision, state.cfg.task, stop)
+    metrics = evaluate(state.model, val_loader, ctx.device, precision, state.cfg.task, go_on)
     state.eval_due = metrics is None
     if metrics is None:
         return None
@@ -232,15 +232,6 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
         log.warning("compile=true skipped: %s; training uncompiled", reason)
         return model
     return torch.compile(model)
-
-
-def evaluation_stopper(stop: StopRequest, ctx: distributed.Dist, val_loader: DataLoader) -> Callable:
-    """For ``evaluate``: before each batch, whether a stop request abandons the evaluation.
-
-    Under torchrun the ranks agree on it, before each of the batches that every rank's shard has.
-    """
-    shared_batches = math.ceil(val_loader.sampler.smallest / val_loader.batch_size)
-    return lambda batch: batch < shared_batches and ctx.agree_max(stop.reason()) > 0
 
 
 def set_up(cfg: Config, ctx: distributed.Dist, precision: Precision) -> tuple[TrainState, DataLoader, Path | None]:
@@ -307,9 +298,9 @@ def run(cfg: Config, ctx: distributed.Dist, stop: StopRequest) -> dict[str, Any]
                  f"resumed from {resumed_from} at step {state.step}" if resumed_from else "")  # fmt: skip
     log.info("data:       %s", state.batches.describe())
     best, latest = Path(cfg.out_dir) / "best.pt", run_folder.latest_checkpoint(cfg)
-    if state.eval_due and validate(state, val_loader, ctx, precision, metrics_log):
+    if state.eval_due and validate(state, val_loader, ctx, precision, metrics_log, evaluation_agreement(ctx)):
         save_best(best, state, ctx)  # the evaluation a stop request cut short, done as the uninterrupted run did
-    stop_evaluation = evaluation_stopper(stop, ctx, val_loader)
+    stop_evaluation = evaluation_agreement(ctx, stop)  # the processes stop, or go on, together
     stop_agreement = distributed.AgreedNextStep(ctx)
     start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
     state.model.train()
