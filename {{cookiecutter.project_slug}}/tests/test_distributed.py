@@ -168,9 +168,7 @@ def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_finishes_bit_
     assert run_records(tmp_path / "restarted") == run_records(tmp_path / "reference")
 
 
-def test_an_iterable_validation_set_in_uneven_parts_is_evaluated_whole_and_an_empty_part_is_one_line(
-    tmp_path, monkeypatch
-):
+def test_an_iterable_validation_set_in_uneven_parts_is_evaluated_whole(tmp_path, monkeypatch):
     # 481 validation sequences read as a stream: parts of 241 and 240, so 16 batches of 16 on rank 0 and 15 on
     # rank 1, which learns only then that it has no 16th: it repeats its 15th, uncounted, as rank 0 evaluates its
     # last{% if cookiecutter.loop == "plain" %} (FSDP gathers the weights from both ranks in each forward){% endif %}.
@@ -184,11 +182,6 @@ def test_an_iterable_validation_set_in_uneven_parts_is_evaluated_whole_and_an_em
     monkeypatch.setattr(stand_in, "VAL_SIZE", 481)  # the same 481 sequences, map-style, in one process
     alone = evaluate_checkpoint(tmp_path / "parts" / "best.pt")
     assert alone["val_loss"] == pytest.approx(best["best_metric"], rel=1e-6)
-
-    process = torchrun(tmp_path / "empty", *run, env={**env, "STAND_IN_VAL_SIZE": "1"})  # rank 1's part: nothing
-    output, _ = process.communicate(timeout=300)
-    assert [p["exit_code"] for p in probes(tmp_path / "empty", output=output)] == [2, 2], output
-    assert output.count("a process had no validation batch") == 2, output  # each rank's own line
 
 
 def test_a_stream_under_torchrun_is_read_in_parts_and_a_stopped_run_resumes_exactly(tmp_path):

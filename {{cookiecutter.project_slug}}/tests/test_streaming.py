@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
+from {{ cookiecutter.package_name }}.config import ConfigError
 from {{ cookiecutter.package_name }}.distributed import Dist
+from {{ cookiecutter.package_name }}.evaluate import evaluate, evaluation_agreement
 from {{ cookiecutter.package_name }}.loader import build_loaders
+from {{ cookiecutter.package_name }}.precision import Precision
 from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
@@ -68,8 +72,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch
         assert len(read) == read_again + 34 * 32
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("kind", "num_workers"), [("plain", 2), ("stateful", 0)])  # SIGTERM: all four, above
 def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config, monkeypatch, stream, kind, num_workers):
     stream(kind)
     monkeypatch.setenv("STAND_IN_STREAM", kind)  # for the process the test kills
@@ -162,3 +165,14 @@ def test_max_eval_batches_caps_an_iterable_validation_set_at_as_many_samples(mak
     train(make_config(*run, "max_eval_batches=3"))
     assert sum(seen) == 3 * 32  # 3 batches' worth; with 2 workers, 48 samples each: batches of 32 and 16
     assert sorted(seen) == ([32] * 3 if num_workers == 0 else [16, 16, 32, 32])
+
+
+def test_an_empty_part_of_an_iterable_validation_set_is_one_line(make_config, monkeypatch):
+    # What evaluation_agreement hears under torchrun when this process has a first batch and another has none.
+    another_without = SimpleNamespace(agree_max_each=lambda values: [values[0], 1, 1])
+    monkeypatch.setattr(stand_in, "VAL_STREAM", True)
+    cfg = make_config()
+    _, val_loader = build_loaders(cfg, *stand_in.build_datasets(cfg), Dist())
+    go_on = evaluation_agreement(another_without)
+    with pytest.raises(ConfigError, match="^a process had no validation batch: every process's part of an iterable"):
+        evaluate(stand_in.build_model(cfg), val_loader, torch.device("cpu"), Precision("fp32", "cpu"), cfg.task, go_on)
