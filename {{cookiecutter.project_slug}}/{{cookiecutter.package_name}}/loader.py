@@ -29,7 +29,7 @@ import contextlib
 import itertools
 import math
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -64,6 +64,13 @@ class ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self.start)
 
 
+def batch_seed(seed: int, *where: int) -> int:
+    """The seed of one batch's random draws: a function of the run's seed and where the batch is (rank, epoch...)."""
+    for part in where:
+        seed = (seed * 1_000_003 + part) % 2**63
+    return seed
+
+
 class SeededBatch(list):
     """A batch of dataset indices, with the seed its random augmentation draws from."""
 
@@ -80,9 +87,7 @@ class SeededBatches(torch.utils.data.Sampler):
         indices, first = list(self.sampler), self.sampler.start // self.batch_size
         for k in range(len(indices) // self.batch_size):  # whole batches only (drop_last)
             batch = SeededBatch(indices[k * self.batch_size : (k + 1) * self.batch_size])
-            batch.seed = self.seed
-            for part in (self.rank, self.sampler.epoch, first + k):
-                batch.seed = (batch.seed * 1_000_003 + part) % 2**63
+            batch.seed = batch_seed(self.seed, self.rank, self.sampler.epoch, first + k)
             yield batch
 
     def __len__(self) -> int:
@@ -228,7 +233,7 @@ class SeededStream(IterableDataset):
                 self.dataset.load_state_dict(position["dataset"])
             samples = iter(self.dataset)
             for batch in itertools.count(first if restored else 0):
-                with seeded_draws(self.batch_seed(worker, epoch, batch)):
+                with seeded_draws(batch_seed(self.seed, self.rank, worker, epoch, batch)):
                     items = list(itertools.islice(samples, self.batch_size))
                 if len(items) < self.batch_size:
                     break
@@ -243,21 +248,13 @@ class SeededStream(IterableDataset):
                 return
             epoch, first, position = epoch + 1, 0, {"dataset": None}
 
-    def batch_seed(self, worker: int, epoch: int, batch: int) -> int:
-        seed = self.seed
-        for part in (self.rank, worker, epoch, batch):
-            seed = (seed * 1_000_003 + part) % 2**63
-        return seed
-
 
 class StreamBatches:
-    """The endless stream of training batches of an iterable training set, with every worker's position in it.
+    """The endless stream of training batches of an iterable training set, with every worker's position in it:
+    this process's (``ctx``), and in ``state_dict`` every process's, gathered on rank 0."""
 
-    ``gather(obj)``: every process's ``obj`` on rank 0 (None elsewhere), for ``state_dict``.
-    """
-
-    def __init__(self, loader: DataLoader, rank: int, world_size: int, gather: Callable[[Any], Any]):
-        self.loader, self.rank, self.world_size, self.gather = loader, rank, world_size, gather
+    def __init__(self, loader: DataLoader, ctx: Dist):
+        self.loader, self.ctx, self.rank, self.world_size = loader, ctx, ctx.rank, ctx.world_size
         self.stream: SeededStream = loader.dataset
         self.workers = max(1, loader.num_workers)
         self.positions: list[dict[str, Any]] = []  # the position after the last batch trained on, per worker
@@ -285,7 +282,7 @@ class StreamBatches:
 
     def state_dict(self) -> dict[str, Any]:
         """Every process's worker positions (on rank 0; every rank calls it)."""
-        return {"stream": self.gather(self.positions)}
+        return {"stream": self.ctx.gather_on_main(self.positions)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "stream" not in state:
@@ -331,7 +328,7 @@ def build_loaders(
     if isinstance(train_set, IterableDataset):  # batched by SeededStream itself (batch_size=None)
         stream = SeededStream(train_set, cfg.batch_size, cfg.seed, ctx.rank)
         loader = DataLoader(stream, batch_size=None, generator=torch.Generator(), **common)
-        return StreamBatches(loader, ctx.rank, ctx.world_size, ctx.gather_on_main), val_loader
+        return StreamBatches(loader, ctx), val_loader
     sampler = ResumableSampler(train_set, seed=cfg.seed, num_replicas=ctx.world_size, rank=ctx.rank)
     if len(sampler) // cfg.batch_size < 1:
         raise ConfigError(

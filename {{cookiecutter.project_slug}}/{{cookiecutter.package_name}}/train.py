@@ -300,7 +300,7 @@ def run(cfg: Config, ctx: distributed.Dist, stop: StopRequest) -> dict[str, Any]
     best, latest = Path(cfg.out_dir) / "best.pt", run_folder.latest_checkpoint(cfg)
     if state.eval_due and validate(state, val_loader, ctx, precision, metrics_log, evaluation_agreement(ctx)):
         save_best(best, state, ctx)  # the evaluation a stop request cut short, done as the uninterrupted run did
-    stop_evaluation = evaluation_agreement(ctx, stop)  # the processes stop, or go on, together
+    go_on_evaluating = evaluation_agreement(ctx, stop)  # the processes stop, or go on, together
     stop_agreement = distributed.AgreedNextStep(ctx)
     start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
     state.model.train()
@@ -332,7 +332,7 @@ def run(cfg: Config, ctx: distributed.Dist, stop: StopRequest) -> dict[str, Any]
             paused = time.perf_counter()
             # 6. Validation + best checkpoint: best.pt is replaced only when the monitored metric improves.
             if do_eval:
-                improved = validate(state, val_loader, ctx, precision, metrics_log, stop_evaluation)
+                improved = validate(state, val_loader, ctx, precision, metrics_log, go_on_evaluating)
                 if improved:
                     save_best(best, state, ctx)
                 elif improved is None:  # abandoned: the ranks agreed on a stop request
