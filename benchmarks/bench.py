@@ -72,9 +72,20 @@ def main() -> int:
         projects = {loop: bake(Path(tmp), loop) for loop in PROJECTS}
         sys.path[:0] = [str(path) for path in projects.values()]
         sys.dont_write_bytecode = True
-        modules = ("config", "train", "evaluate", "loader", "checkpoint", "precision", "seed", "distributed")
-        mods = {name: importlib.import_module(f"bench_project.{name}") for name in modules}
-        accelerate_mods = {name: importlib.import_module(f"bench_accelerate.{name}") for name in ("train", "evaluate")}
+        modules = {
+            "train": "train",
+            "validation": "essentials.validation",
+            "config": "essentials.config",
+            "checkpoint": "essentials.checkpoint",
+            "precision": "essentials.precision",
+            "seed": "essentials.seed",
+            "loader": "machinery.loader",
+            "distributed": "machinery.distributed",
+        }
+        mods = {name: importlib.import_module(f"bench_project.{path}") for name, path in modules.items()}
+        accelerate_mods = {
+            name: importlib.import_module(f"bench_accelerate.{modules[name]}") for name in ("train", "validation")
+        }
         mods["accelerate"] = accelerate_mods
         import torch
         from loc import code_lines_by_essential  # noqa: E402  (benchmarks/, next to this file)
@@ -109,8 +120,8 @@ def make_config(mods, task, device, precision: str, accum: int, steps: int, out_
 def task_installed(mods, task):
     """Point a generated project's user-replaced parts (data, model, loss, metric) at the task's, if it has them."""
     patches = {("train", "build_datasets"): task.build_datasets, ("train", "build_model"): task.build_model,
-               ("train", "compute_loss"): task.compute_loss, ("evaluate", "metric_totals"): task.metric_totals,
-               ("evaluate", "compute_metrics"): task.compute_metrics}  # fmt: skip
+               ("train", "compute_loss"): task.compute_loss, ("validation", "metric_totals"): task.metric_totals,
+               ("validation", "compute_metrics"): task.compute_metrics}  # fmt: skip
     saved = {}
     for (module, name), value in patches.items():
         if value is not None:
@@ -157,7 +168,7 @@ def bare_loop(mods, task, cfg, device) -> float:
     model = part(mods, task, "build_model")(cfg).to(device)
     compute_loss = part(mods, task, "compute_loss")
     optimizer = mods["train"].build_optimizer(model, cfg, device)
-    alone = mods["distributed"].Dist(device=device)
+    alone = mods["distributed"].Process(device=device)
     batches, _ = mods["loader"].build_loaders(cfg, train_set, val_set, alone)
     precision = mods["precision"].resolve_precision(cfg.precision, device)
     model.train()
@@ -243,7 +254,7 @@ def measure_eval_and_save(mods, task, device, rounds, tmp: Path) -> dict:
     model = part(mods, task, "build_model")(cfg).to(device)
     model.load_state_dict(state["model"])
     train_set, val_set = part(mods, task, "build_datasets")(cfg)
-    alone = mods["distributed"].Dist(device=device)
+    alone = mods["distributed"].Process(device=device)
     _, val_loader = mods["loader"].build_loaders(cfg, train_set, val_set, alone)
     precision = mods["precision"].resolve_precision("fp32", device)
 
@@ -256,7 +267,7 @@ def measure_eval_and_save(mods, task, device, rounds, tmp: Path) -> dict:
 
     def our_eval() -> None:
         with task_installed(mods, task):
-            mods["evaluate"].evaluate(model, val_loader, device, precision, cfg.task)
+            mods["validation"].evaluate(model, val_loader, device, precision, cfg.task)
 
     plain_path, atomic_path = tmp / "plain.pt", tmp / "atomic.pt"
 

@@ -2,9 +2,9 @@
 
     python benchmarks/loc.py BAKED_PROJECT [BAKED_PROJECT ...]
 
-Each essential is a list of files and functions of the package ("train.py:run"); a
-file counts the lines its listed functions do not. A name missing from a project
-(the accelerate loop has no clip_gradients) counts 0.
+Each essential is a list of files and functions of the package ("train.py:run"), by their
+path in the package; a file counts the lines its listed functions do not. A name missing
+from a project counts 0.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import tokenize
 from pathlib import Path
 
 ESSENTIALS = {
-    "config": ["config.py"],
-    "seed": ["seed.py"],
-    "mixed precision": ["precision.py"],
-    "gradient clipping": ["train.py:clip_gradients"],
-    "accumulation": ["train.py:divide_gradients", "distributed.py:no_gradient_sync"],
-    "LR schedule": ["schedule.py"],
-    "validation + best checkpoint": ["evaluate.py", "train.py:validate", "train.py:monitor_goal", "train.py:is_better"],
-    "non-finite guard": ["train.py:optimizer_step", "state.py:StepLog"],
-    "device and processes (DDP, FSDP)": ["distributed.py"],
-    "checkpoints and resume": ["checkpoint.py", "state.py", "loader.py"],
-    "the run folder": ["run_folder.py"],
+    "config": ["essentials/config.py"],
+    "seed": ["essentials/seed.py"],
+    "mixed precision": ["essentials/precision.py"],
+    "gradient clipping": ["essentials/clipping.py"],
+    "accumulation": ["train.py:divide_gradients", "machinery/distributed.py:no_gradient_sync"],
+    "LR schedule": ["essentials/schedule.py"],
+    "validation + best checkpoint": ["essentials/validation.py"],
+    "non-finite guard": ["essentials/optimizer.py:optimizer_step", "machinery/state.py:StepLog"],
+    "device and processes (DDP, FSDP)": ["machinery/distributed.py"],
+    "checkpoints and resume": ["essentials/checkpoint.py", "machinery/state.py", "machinery/loader.py"],
+    "the run folder": ["machinery/run_folder.py"],
     "the loop: train_step, set_up, run": ["train.py:train_step", "train.py:set_up", "train.py:train", "train.py:run"],
 }
 
@@ -58,7 +58,8 @@ def code_lines(source: str) -> dict[str | None, int]:
 
 def code_lines_by_essential(project: Path) -> dict[str, int]:
     package = project / project.name.replace("-", "_")
-    per_file = {path.name: code_lines(path.read_text()) for path in sorted(package.glob("*.py"))}
+    paths = sorted(package.rglob("*.py"))
+    per_file = {path.relative_to(package).as_posix(): code_lines(path.read_text()) for path in paths}
     claimed = {tuple(unit.split(":")) for units in ESSENTIALS.values() for unit in units if ":" in unit}
     result = {}
     for essential, units in ESSENTIALS.items():

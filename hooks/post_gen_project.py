@@ -38,7 +38,7 @@ def smoke_test() -> int:
         return 0
     sys.dont_write_bytecode = True  # leave no __pycache__ in the new project
     sys.path.insert(0, os.getcwd())
-    config = importlib.import_module(f"{PACKAGE}.config")
+    config = importlib.import_module(f"{PACKAGE}.essentials.config")
     train = importlib.import_module(f"{PACKAGE}.train")
     evaluate = importlib.import_module(f"{PACKAGE}.evaluate")
 

@@ -104,16 +104,58 @@ def test_the_loop_stays_short_enough_to_read(baked):
     package = baked.path / baked.package
     assert len((package / "train.py").read_text().splitlines()) <= TRAIN_PY_LINES
     lengths = {}
-    for path in package.glob("*.py"):
+    for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-                lengths[f"{path.name}:{node.name}"] = node.end_lineno - first + 1
+                lengths[f"{path.relative_to(package).as_posix()}:{node.name}"] = node.end_lineno - first + 1
                 a = node.args
                 names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if p]
                 assert len([n for n in names if n not in ("self", "cls")]) <= PARAMETERS, f"{path.name}:{node.name}"
     assert max(lengths.values()) <= FUNCTION_LINES, max(lengths, key=lengths.get)
     assert lengths["train.py:train_step"] <= TRAIN_STEP_LINES
+
+
+# The house a newcomer enters: what is theirs and what runs at the top, the lesson in essentials/ (a file per
+# essential), the machinery in machinery/; the README a front door to docs/.
+YOURS = {"data.py", "model.py", "task.py"}
+ESSENTIAL_FILES = {"config.py", "seed.py", "precision.py", "clipping.py", "schedule.py", "validation.py"}
+ESSENTIAL_FILES |= {"checkpoint.py"}  # 6. is validation.py and checkpoint.py
+TOP_LEVEL_FILES, TRAIN_PY_MODULES, README_LINES, DOCS_PAGES = 9, 10, 250, 4
+
+
+def project_modules_imported(package: Path, path: Path) -> set[str]:
+    """The package's own modules that ``path`` imports from (``from .x import y``: .x; ``from . import x``: .x)."""
+    here = path.relative_to(package).parent.parts
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[: len(here) - node.level + 1]
+            module = (*base, *(node.module.split(".") if node.module else ()))
+            submodules = [(*module, alias.name) for alias in node.names]
+            is_module = [(package.joinpath(*name).with_suffix(".py")).exists() for name in submodules]
+            found.update(".".join(name) for name, yes in zip(submodules, is_module, strict=True) if yes)
+            if not all(is_module):
+                found.add(".".join(module))
+    return found
+
+
+def test_the_layout_shows_what_is_yours_the_lesson_and_the_machinery(baked):
+    package = baked.path / baked.package
+    top = {path.name for path in package.glob("*.py")} - {"__init__.py"}
+    assert YOURS <= top and "train.py" in top and len(top) <= TOP_LEVEL_FILES, sorted(top)
+    assert ESSENTIAL_FILES <= {path.name for path in (package / "essentials").glob("*.py")}
+    machinery = {path.name for path in (package / "machinery").glob("*.py")}
+    assert {"distributed.py", "loader.py", "run_folder.py"} <= machinery
+    imported = project_modules_imported(package, package / "train.py")
+    assert len(imported) <= TRAIN_PY_MODULES, sorted(imported)
+    readme = (baked.path / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_LINES
+    linked = re.findall(r"\]\((docs/[\w-]+\.md)\)", readme)
+    pages = sorted(p.relative_to(baked.path).as_posix() for p in (baked.path / "docs").glob("*.md"))
+    assert len(pages) >= DOCS_PAGES and sorted(set(linked)) == pages, (linked, pages)
+    for name in sorted(ESSENTIAL_FILES | YOURS):  # the layout section names each file a newcomer looks for
+        assert name in readme.split("## Layout", 1)[1].split("\n## ", 1)[0], name
 
 
 def test_the_readmes_anatomy_of_a_step_is_the_code_and_follows_the_lesson(baked):
@@ -139,7 +181,7 @@ def test_choices_become_the_generated_defaults(baked):
     cfg = yaml.safe_load((baked.path / "configs" / "default.yaml").read_text())
     assert cfg["precision"] == baked.answers["precision"]
     assert cfg["lr_schedule"] == baked.answers["lr_schedule"]
-    config_py = (baked.path / baked.package / "config.py").read_text()
+    config_py = (baked.path / baked.package / "essentials" / "config.py").read_text()
     assert f'precision: str = "{baked.answers["precision"]}"' in config_py
     assert f'lr_schedule: str = "{baked.answers["lr_schedule"]}"' in config_py
 

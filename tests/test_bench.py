@@ -32,10 +32,10 @@ def test_benchmark_smoke_run_reports_every_setting(tmp_path):
         assert row["accelerate_ratio"] == pytest.approx(ratio, rel=0.05)
     assert report["eval_ratio"] > 0 and report["save_ratio"] > 0 and report["checkpoint_mb"] > 1
     assert "| mlp | fp32 | 1 |" in result.stdout
-    # Start-up and code lines, for both loops: the accelerate loop has no clipping code of its own.
+    # Start-up and code lines, for both loops: the accelerate loop's clipping is one call to Accelerate's.
     assert set(report["startup"]) == set(report["code_lines"]) == {"plain", "accelerate"}
     # Measured, not compared: in a smoke run (one round) a busy machine can make either one slower.
     assert all(times["import"] > 0 and times["one_step"] > 0 for times in report["startup"].values()), report
     lines = report["code_lines"]
-    assert lines["plain"]["gradient clipping"] > 0 == lines["accelerate"]["gradient clipping"]
+    assert lines["plain"]["gradient clipping"] > lines["accelerate"]["gradient clipping"] > 0
     assert lines["plain"]["config"] == lines["accelerate"]["config"] > 0

@@ -1,4 +1,4 @@
-"""Every shell command in the generated README runs, so the README cannot rot.
+"""Every shell command in the generated README and its docs pages runs, so the docs cannot rot.
 
 Commands run in order in a baked project, as written, with these changes for a
 2-core CPU machine without a GPU or a cluster: training runs are cut to a few
@@ -33,6 +33,17 @@ def free_port() -> int:
 
 def blocks(readme: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", readme, flags=re.DOTALL)
+
+
+def pages(project: Path) -> dict[str, str]:
+    """The README, then each docs page in the order the README links them: {path: text}."""
+    readme = (project / "README.md").read_text()
+    linked = dict.fromkeys(re.findall(r"\]\((docs/[\w-]+\.md)\)", readme))
+    return {"README.md": readme, **{path: (project / path).read_text() for path in linked}}
+
+
+def all_blocks(project: Path, language: str) -> list[str]:
+    return [block for text in pages(project).values() for block in blocks(text, language)]
 
 
 def for_this_machine(line: str, package: str) -> str:
@@ -81,7 +92,7 @@ def run_blocks(project: Path, commands: list[str]) -> None:
 
 
 def test_readme_shell_commands_run(project):
-    commands = blocks((project / "README.md").read_text(), "bash")
+    commands = all_blocks(project, "bash")
     assert len(commands) >= 6
     run_blocks(project, commands)
     # What the quickstart promised exists.
@@ -94,8 +105,8 @@ def test_readme_shell_commands_run(project):
 def test_the_accelerate_readmes_own_commands_run(project, tmp_path_factory, user_config):
     # Its other commands are the plain README's, run above.
     accelerate = bake(tmp_path_factory.mktemp("accelerate"), user_config, run_smoke_test=False, loop="accelerate")
-    plain = set(blocks((project / "README.md").read_text(), "bash"))
-    own = [block for block in blocks((accelerate / "README.md").read_text(), "bash") if block not in plain]
+    plain = set(all_blocks(project, "bash"))
+    own = [block for block in all_blocks(accelerate, "bash") if block not in plain]
     assert len(own) == 3 and any(block.startswith("accelerate launch") for block in own), own
     run_blocks(accelerate, own)
     for run in ("ddp", "ddp-cpu"):  # accelerate launch --multi_gpu, then torchrun: 2 processes each
@@ -104,15 +115,16 @@ def test_the_accelerate_readmes_own_commands_run(project, tmp_path_factory, user
 
 
 def test_readme_python_snippets_compile(project):
-    snippets = blocks((project / "README.md").read_text(), "python")
+    snippets = all_blocks(project, "python")
     assert len(snippets) >= 5
     for snippet in snippets:
         compile(snippet, "README snippet", "exec")
 
 
-def example(readme: str, heading: str) -> tuple[dict[str, str], str]:
-    """A 'Bring your own task' example: {path: whole file} from its Python blocks, and its task: YAML group."""
-    section = readme.split(f"### {heading}", 1)[1].split("\n### ", 1)[0]
+def example(project: Path, heading: str) -> tuple[dict[str, str], str]:
+    """A task example of the docs: {path: whole file} from its Python blocks, and its task: YAML group."""
+    page = next(text for text in pages(project).values() if f"\n### {heading}" in text)
+    section = page.split(f"\n### {heading}", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
     files = {block.partition("\n")[0].removeprefix("# "): block for block in blocks(section, "python")}
     return files, blocks(section, "yaml")[0]
 
@@ -149,11 +161,10 @@ def test_a_readme_example_replaces_the_task_and_every_test_still_collects(tmp_pa
     lints, collects every test, passes the tests of the task and of the config, and learns (test_your_task)."""
     project = bake(tmp_path, user_config, run_smoke_test=False)
     package = project.name.replace("-", "_")
-    readme = (project / "README.md").read_text()
-    files, task_group = example(readme, heading)
+    files, task_group = example(project, heading)
     assert sorted(files) == [f"{package}/data.py", f"{package}/model.py", f"{package}/task.py"]
     apply_example(project, files, task_group)
-    (project / "input.txt").write_text(readme)  # the language model's text: this README
+    (project / "input.txt").write_text((project / "README.md").read_text())  # the language model's text
     lints_and_passes_its_task_tests(project)
 
 
@@ -166,11 +177,10 @@ def test_a_readme_streaming_example_trains_and_resumes_exactly(tmp_path, user_co
     tests, and a run stopped at step 6 and resumed reaches step 12 with the uninterrupted run's weights."""
     project = bake(tmp_path, user_config, run_smoke_test=False)
     package = project.name.replace("-", "_")
-    readme = (project / "README.md").read_text()
-    apply_example(project, *example(readme, "A language model"))
-    files, task_group = example(readme, heading)
+    apply_example(project, *example(project, "A language model"))
+    files, task_group = example(project, heading)
     apply_example(project, files, task_group)
-    (project / "input.txt").write_text(readme)
+    (project / "input.txt").write_text((project / "README.md").read_text())
     if "prepare.py" in files:  # the token file's: data/train.bin and data/val.bin, the text's bytes
         task = project / package / "task.py"
         task.write_text(task.read_text().replace('text_file: str = "input.txt"', 'data_dir: str = "data"'))

@@ -9,11 +9,11 @@ import torch
 from accelerate.state import AcceleratorState
 {%- endif %}
 
-from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.config import Config, load_config
-from {{ cookiecutter.package_name }}.metrics import read_metrics
-from {{ cookiecutter.package_name }}.speed import MEASURED
+from {{ cookiecutter.package_name }}.essentials import checkpoint as checkpoint_module
+from {{ cookiecutter.package_name }}.essentials.config import Config, load_config
+from {{ cookiecutter.package_name }}.machinery.metrics import read_metrics
+from {{ cookiecutter.package_name }}.machinery.speed import MEASURED
 
 from . import stand_in
 

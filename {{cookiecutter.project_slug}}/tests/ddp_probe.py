@@ -39,12 +39,12 @@ from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_param_
 {%- endif %}
 from torch.distributed.tensor import DTensor
 
-from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
-from {{ cookiecutter.package_name }} import evaluate as evaluate_module
-from {{ cookiecutter.package_name }} import run_folder
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.checkpoint import CheckpointError
-from {{ cookiecutter.package_name }}.config import ConfigError
+from {{ cookiecutter.package_name }}.essentials import checkpoint as checkpoint_module
+from {{ cookiecutter.package_name }}.essentials import validation as validation_module
+from {{ cookiecutter.package_name }}.essentials.checkpoint import CheckpointError
+from {{ cookiecutter.package_name }}.essentials.config import ConfigError
+from {{ cookiecutter.package_name }}.machinery import run_folder
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
                "reduce", "gather", "gather_object", "scatter", "reduce_scatter", "all_to_all")  # fmt: skip
@@ -169,10 +169,10 @@ def main() -> int:
         checkpoint_module.load_checkpoint = unreadable
 
     if os.environ.get("PROBE_EXTRA_TOTAL_ON") == str(rank):
-        real_totals = evaluate_module.metric_totals
-        evaluate_module.metric_totals = lambda output, target, task: {**real_totals(output, target, task), "extra": 1.0}
+        real = validation_module.metric_totals
+        validation_module.metric_totals = lambda output, target, task: {**real(output, target, task), "extra": 1}
     if os.environ.get("PROBE_SIGTERM_IN_EVAL") == str(rank):
-        evaluate_module.metric_totals = SignalOnCall(evaluate_module.metric_totals, 2)  # in the second batch
+        validation_module.metric_totals = SignalOnCall(validation_module.metric_totals, 2)  # in the second batch
 
     code = train_module.main([*stand_in.LOOP, f"out_dir={out_dir}", *sys.argv[2:]])
     moments = [state for optimizer in optimizers for state in optimizer.state.values()]

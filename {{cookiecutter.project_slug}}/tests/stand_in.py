@@ -24,12 +24,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset, IterableDataset
 
-from {{ cookiecutter.package_name }} import config as config_module
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import export as export_module
 from {{ cookiecutter.package_name }} import plot as plot_module
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.loader import stream_part
+from {{ cookiecutter.package_name }}.essentials import config as config_module
+from {{ cookiecutter.package_name }}.essentials import validation as validation_module
+from {{ cookiecutter.package_name }}.machinery.loader import stream_part
 
 VOCAB, MAX_LEN, IGNORE = 16, 12, -100
 # Set by a test (monkeypatch) or, for the scripts tests start, by the environment; read when building.
@@ -212,7 +213,7 @@ def install(set_attribute=setattr) -> None:
     set_attribute(train_module, "fsdp_units", fsdp_units)
 {%- endif %}
     set_attribute(train_module, "compute_loss", compute_loss)
-    set_attribute(train_module, "METRIC_GOALS", METRIC_GOALS)
+    set_attribute(validation_module, "METRIC_GOALS", METRIC_GOALS)
     set_attribute(plot_module, "METRIC_GOALS", METRIC_GOALS)
-    set_attribute(evaluate_module, "metric_totals", metric_totals)
-    set_attribute(evaluate_module, "compute_metrics", compute_metrics)
+    set_attribute(validation_module, "metric_totals", metric_totals)
+    set_attribute(validation_module, "compute_metrics", compute_metrics)

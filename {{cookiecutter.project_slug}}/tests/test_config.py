@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from {{ cookiecutter.package_name }}.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from {{ cookiecutter.package_name }}.essentials.config import Config, ConfigError, config_from_dict, load_config, to_dict
 from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
 from {{ cookiecutter.package_name }}.train import main, train
 
@@ -29,8 +29,10 @@ def test_defaults_yaml_and_overrides_are_applied_in_order(tmp_path):
 
 
 def test_values_are_read_by_yamls_rules_and_checked_against_the_fields_type():
-    cfg = load_config(None, ["lr=3e-4", "max_time_minutes=90", "overwrite=yes", "out_dir=2024", "resume=",
-                             "tracker_project=on", "seed=7"])  # fmt: skip
+    cfg = load_config(
+        None,
+        ["lr=3e-4", "max_time_minutes=90", "overwrite=yes", "out_dir=2024", "resume=", "tracker_project=on", "seed=7"],
+    )
     assert cfg.lr == 3e-4 and cfg.max_time_minutes == 90.0 and isinstance(cfg.max_time_minutes, float)
     assert cfg.overwrite is True and cfg.seed == 7
     assert cfg.out_dir == "2024" and cfg.resume == "" and cfg.tracker_project == "on"  # strings, as written

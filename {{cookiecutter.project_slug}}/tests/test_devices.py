@@ -7,16 +7,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-{% if cookiecutter.loop == "plain" -%}
-from {{ cookiecutter.package_name }} import distributed
-{% endif -%}
 from {{ cookiecutter.package_name }} import train as train_module
 {%- if cookiecutter.loop == "plain" %}
-from {{ cookiecutter.package_name }}.config import load_config
+from {{ cookiecutter.package_name }}.essentials.config import load_config
 {%- endif %}
-from {{ cookiecutter.package_name }}.evaluate import evaluate
-from {{ cookiecutter.package_name }}.precision import Precision, allow_tf32, resolve_precision
-from {{ cookiecutter.package_name }}.seed import rng_state, set_rng_state
+from {{ cookiecutter.package_name }}.essentials.precision import Precision, allow_tf32, resolve_precision
+from {{ cookiecutter.package_name }}.essentials.seed import rng_state, set_rng_state
+from {{ cookiecutter.package_name }}.essentials.validation import evaluate
+{%- if cookiecutter.loop == "plain" %}
+from {{ cookiecutter.package_name }}.machinery import distributed
+{%- endif %}
 {%- if cookiecutter.loop == "plain" %}
 from {{ cookiecutter.package_name }}.train import train
 
@@ -133,8 +133,8 @@ def test_one_process_on_gpu_n_makes_it_the_current_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    ctx = distributed.setup(load_config(None, ["device=cuda:1"]))
-    assert ctx.device == torch.device("cuda", 1) and chosen == [ctx.device] and not ctx.enabled
+    process = distributed.setup(load_config(None, ["device=cuda:1"]))
+    assert process.device == torch.device("cuda", 1) and chosen == [process.device] and not process.has_peers
 {%- else %}
 
 
@@ -169,10 +169,10 @@ def test_under_fp16s_grad_scaler_clipping_sees_the_unscaled_gradients(make_confi
     real_setup, scales = train_module.distributed.setup, []
 
     def setup_with_scaler(cfg):
-        ctx = real_setup(cfg)
-        monkeypatch.setattr(ctx.accelerator, "prepare", with_a_grad_scaler(ctx.accelerator.prepare))
-        monkeypatch.setattr(ctx.accelerator, "clip_grad_norm_", spy_scale(ctx.accelerator, scales))
-        return ctx
+        process = real_setup(cfg)
+        monkeypatch.setattr(process.accelerator, "prepare", with_a_grad_scaler(process.accelerator.prepare))
+        monkeypatch.setattr(process.accelerator, "clip_grad_norm_", spy_scale(process.accelerator, scales))
+        return process
 
     monkeypatch.setattr(train_module.distributed, "setup", setup_with_scaler)
     scaled = make_config(*run, name="scaled")

@@ -28,10 +28,10 @@ import pytest
 import torch
 
 {% if cookiecutter.loop == "plain" -%}
-from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, restore_training
+from {{ cookiecutter.package_name }}.essentials.checkpoint import CheckpointError, restore_training
 {% endif -%}
 from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
-from {{ cookiecutter.package_name }}.metrics import read_metrics
+from {{ cookiecutter.package_name }}.machinery.metrics import read_metrics
 from {{ cookiecutter.package_name }}.train import train
 
 from . import stand_in

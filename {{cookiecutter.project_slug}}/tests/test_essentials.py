@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.config import ConfigError, load_config
-from {{ cookiecutter.package_name }}.evaluate import evaluate, evaluate_checkpoint
-from {{ cookiecutter.package_name }}.loader import ShardSampler
-from {{ cookiecutter.package_name }}.precision import Precision
-from {{ cookiecutter.package_name }}.schedule import build_scheduler, lr_at
+from {{ cookiecutter.package_name }}.essentials import validation as validation_module
 {%- if cookiecutter.loop == "plain" %}
-from {{ cookiecutter.package_name }}.train import clip_gradients, main, train
-{%- else %}
-from {{ cookiecutter.package_name }}.train import main, train
+from {{ cookiecutter.package_name }}.essentials.clipping import clip_gradients
 {%- endif %}
+from {{ cookiecutter.package_name }}.essentials.config import ConfigError, load_config
+from {{ cookiecutter.package_name }}.essentials.precision import Precision
+from {{ cookiecutter.package_name }}.essentials.schedule import build_scheduler, lr_at
+from {{ cookiecutter.package_name }}.essentials.validation import evaluate
+from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
+from {{ cookiecutter.package_name }}.machinery.loader import ShardSampler
+from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
 from .conftest import (
@@ -106,7 +106,7 @@ def test_each_step_sees_only_its_own_gradients(make_config, monkeypatch):
     monkeypatch.setattr(train_module, "build_model", lambda cfg: Constant())
     monkeypatch.setattr(train_module, "compute_loss", lambda output, target: (output.sum(), output.numel()))
     before_each_step(monkeypatch, lambda optimizer: seen.append(optimizer.param_groups[1]["params"][0].grad.item()))
-    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_acc": 0.0})
+    monkeypatch.setattr(validation_module, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_acc": 0.0})
     train(make_config("max_steps=5", "warmup_steps=0", "accum_steps=2", "clip_grad_norm=0", "eval_every=5"))
     assert seen == [1.0] * 5
 
@@ -304,7 +304,7 @@ def test_max_eval_batches_evaluates_the_same_first_batches_every_time(make_confi
         seen.append(target.clone())
         return stand_in.metric_totals(output, target, task)
 
-    monkeypatch.setattr(evaluate_module, "metric_totals", spy)
+    monkeypatch.setattr(validation_module, "metric_totals", spy)
     cfg = make_config("max_steps=4", "warmup_steps=0", "eval_every=2", "max_eval_batches=3")
     train(cfg)
     assert len(seen) == 6  # 3 of the 16 batches at step 2, and 3 at step 4
@@ -327,7 +327,7 @@ def test_the_task_settings_reach_metric_totals_and_compute_metrics(make_config, 
         seen.append((task.vocab, tuple(totals["tokens"].shape)))  # counted per token of task.vocab, in metric_totals
         return stand_in.compute_metrics(totals, task)
 
-    monkeypatch.setattr(evaluate_module, "compute_metrics", spy)
+    monkeypatch.setattr(validation_module, "compute_metrics", spy)
     train(make_config("task.vocab=20", "max_steps=2", "warmup_steps=0", "eval_every=2"))
     assert seen == [(20, (20,))]
 
@@ -339,7 +339,7 @@ def test_metric_totals_that_change_shape_between_batches_are_one_line_before_any
     def per_class_without_minlength(output, target, task):
         return {"tokens": torch.bincount(target[target != stand_in.IGNORE])}
 
-    monkeypatch.setattr(evaluate_module, "metric_totals", per_class_without_minlength)
+    monkeypatch.setattr(validation_module, "metric_totals", per_class_without_minlength)
     cfg = make_config("max_steps=2", "warmup_steps=0", "eval_every=2", "batch_size=2")
     with pytest.raises(ConfigError, match=r"metric_totals \(task.py\) returned \{'tokens': \(\d+,\)\} for batch"):
         train(cfg)
@@ -357,7 +357,7 @@ def test_best_pt_is_never_written_in_a_streak_of_bad_steps_even_when_the_metric_
 
 def test_best_checkpoint_is_replaced_only_on_improvement(make_config, monkeypatch):
     scripted = iter([0.5, 0.3, 0.4, 0.2, 0.6])
-    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": next(scripted), "val_acc": 0.0})
+    monkeypatch.setattr(validation_module, "evaluate", lambda *a, **k: {"val_loss": next(scripted), "val_acc": 0.0})
     saved = record_saves(monkeypatch)
     cfg = make_config("max_steps=10", "eval_every=2", "ckpt_every=100")
     train(cfg)
@@ -368,7 +368,7 @@ def test_best_checkpoint_is_replaced_only_on_improvement(make_config, monkeypatc
 
 def test_monitor_val_acc_keeps_the_highest(make_config, monkeypatch):
     scripted = iter([0.5, 0.7, 0.6])
-    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_acc": next(scripted)})
+    monkeypatch.setattr(validation_module, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_acc": next(scripted)})
     cfg = make_config("max_steps=6", "warmup_steps=0", "eval_every=2", "monitor=val_acc")  # METRIC_GOALS: max
     train(cfg)
     assert checkpoint(cfg.out_dir, "best.pt")["step"] == 4
@@ -376,7 +376,7 @@ def test_monitor_val_acc_keeps_the_highest(make_config, monkeypatch):
 
 def test_early_stopping_after_patience_evaluations_without_a_new_best(make_config, monkeypatch):
     scripted = iter([0.5, 0.4, 0.45, 0.3, 0.35, 0.36, 0.37, 0.2])
-    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"val_loss": next(scripted), "val_acc": 0.0})
+    monkeypatch.setattr(validation_module, "evaluate", lambda *a, **k: {"val_loss": next(scripted), "val_acc": 0.0})
     cfg = make_config("max_steps=16", "warmup_steps=0", "eval_every=2", "ckpt_every=100", "patience=2")
     summary = train(cfg)
     assert summary["step"] == 12 and summary["exit_code"] == 0  # best at step 8, then 10 and 12 no better
@@ -425,7 +425,7 @@ def test_best_pt_loads_weights_only_and_reproduces_its_metric(make_config):
 
 def test_evaluation_restores_train_mode_and_leaves_weights_alone(make_config, monkeypatch):
     seen = []
-    real_evaluate = train_module.evaluate
+    real_evaluate = validation_module.evaluate
 
     def spy(model, *args):
         before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -433,6 +433,6 @@ def test_evaluation_restores_train_mode_and_leaves_weights_alone(make_config, mo
         seen.append((model.training, all(torch.equal(before[k], v) for k, v in model.state_dict().items())))
         return result
 
-    monkeypatch.setattr(train_module, "evaluate", spy)
+    monkeypatch.setattr(validation_module, "evaluate", spy)
     train(make_config("max_steps=4", "warmup_steps=0", "eval_every=2"))
     assert seen == [(True, True), (True, True)]

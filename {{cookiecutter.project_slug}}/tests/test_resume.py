@@ -16,16 +16,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }} import checkpoint as checkpoint_module
-from {{ cookiecutter.package_name }} import evaluate as evaluate_module
-from {{ cookiecutter.package_name }} import signals as signals_module
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.checkpoint import CheckpointError, save_checkpoint
-from {{ cookiecutter.package_name }}.distributed import Dist
-from {{ cookiecutter.package_name }}.loader import build_loaders
-from {{ cookiecutter.package_name }}.metrics import read_metrics
-from {{ cookiecutter.package_name }}.schedule import lr_at
-from {{ cookiecutter.package_name }}.state import StepLog
+from {{ cookiecutter.package_name }}.essentials import checkpoint as checkpoint_module
+from {{ cookiecutter.package_name }}.essentials import validation as validation_module
+from {{ cookiecutter.package_name }}.essentials.checkpoint import CheckpointError, save_checkpoint
+from {{ cookiecutter.package_name }}.essentials.schedule import lr_at
+from {{ cookiecutter.package_name }}.machinery import signals as signals_module
+from {{ cookiecutter.package_name }}.machinery.distributed import Process
+from {{ cookiecutter.package_name }}.machinery.loader import build_loaders
+from {{ cookiecutter.package_name }}.machinery.metrics import read_metrics
+from {{ cookiecutter.package_name }}.machinery.state import StepLog
 from {{ cookiecutter.package_name }}.train import TrainingError, main, train
 
 from . import stand_in
@@ -139,9 +139,9 @@ def test_a_stop_during_evaluation_saves_at_once_and_the_resumed_run_evaluates_fi
     reference = make_config(*run, name="reference")
     train(reference)
     interrupted = make_config(*run, name="interrupted")
-    sigterm_on_the_third_batch = SignalOnCall(evaluate_module.metric_totals, 3)
+    sigterm_on_the_third_batch = SignalOnCall(validation_module.metric_totals, 3)
     with monkeypatch.context() as patch:
-        patch.setattr(evaluate_module, "metric_totals", sigterm_on_the_third_batch)
+        patch.setattr(validation_module, "metric_totals", sigterm_on_the_third_batch)
         summary = train(interrupted)
     assert summary["step"] == 10 and summary["exit_code"] == 143
     assert sigterm_on_the_third_batch.calls == 3  # the other 13 batches of the evaluation were not waited for
@@ -291,7 +291,7 @@ def test_fp16_resume_restores_the_grad_scaler(make_config, monkeypatch):
 def test_each_epoch_has_its_own_order(make_config):
     cfg = make_config("batch_size=8")
     data = torch.utils.data.TensorDataset(torch.arange(32), torch.arange(32))
-    batches, _ = build_loaders(cfg, data, data, Dist())
+    batches, _ = build_loaders(cfg, data, data, Process())
     epochs = [torch.cat([next(batches)[0] for _ in range(4)]).tolist() for _ in range(3)]
     assert all(sorted(order) == list(range(32)) for order in epochs)  # each epoch sees every sample once
     assert len({tuple(order) for order in epochs}) == 3
@@ -315,7 +315,7 @@ def test_a_dataset_that_reads_whole_batches_still_does(make_config):
             BatchReads.calls += 1
             return [self[index] for index in indices]
 
-    batches, _ = build_loaders(make_config("batch_size=8"), BatchReads(), BatchReads(), Dist())
+    batches, _ = build_loaders(make_config("batch_size=8"), BatchReads(), BatchReads(), Process())
     next(batches)
     assert BatchReads.calls == 1
 
@@ -324,7 +324,7 @@ def test_augmentation_in_workers_differs_per_epoch_and_repeats_per_run(make_conf
     def draws(epochs: int) -> list[list[tuple[int, float]]]:
         """(index, draw) in the order read, per epoch."""
         cfg = make_config("batch_size=8", "num_workers=2")
-        batches, _ = build_loaders(cfg, RandomItems(), RandomItems(), Dist())
+        batches, _ = build_loaders(cfg, RandomItems(), RandomItems(), Process())
         out = []
         for _ in range(epochs):
             pairs = [next(batches) for _ in range(4)]

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }} import progress as progress_module
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.speed import count_flops
+from {{ cookiecutter.package_name }}.machinery import progress as progress_module
+from {{ cookiecutter.package_name }}.machinery.speed import count_flops
 from {{ cookiecutter.package_name }}.train import train
 
 from . import stand_in

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }} import evaluate as evaluate_module
-from {{ cookiecutter.package_name }}.config import ConfigError
-from {{ cookiecutter.package_name }}.distributed import Dist
-from {{ cookiecutter.package_name }}.evaluate import evaluate, evaluation_agreement
-from {{ cookiecutter.package_name }}.loader import build_loaders
-from {{ cookiecutter.package_name }}.precision import Precision
+from {{ cookiecutter.package_name }}.essentials import validation as validation_module
+from {{ cookiecutter.package_name }}.essentials.config import ConfigError
+from {{ cookiecutter.package_name }}.essentials.precision import Precision
+from {{ cookiecutter.package_name }}.essentials.validation import evaluate
+from {{ cookiecutter.package_name }}.machinery.distributed import Process, evaluation_agreement
+from {{ cookiecutter.package_name }}.machinery.loader import build_loaders
 from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
@@ -42,7 +42,7 @@ def stream(monkeypatch):
 def test_each_epoch_reads_every_sample_once_in_its_own_order(make_config, stream, num_workers):
     cfg = make_config("batch_size=32", f"num_workers={num_workers}")
     numbered = torch.utils.data.TensorDataset(torch.zeros(1024, stand_in.MAX_LEN, dtype=torch.long), torch.arange(1024))
-    batches, _ = build_loaders(cfg, stand_in.SequenceStream(numbered, seed=0), numbered, Dist())
+    batches, _ = build_loaders(cfg, stand_in.SequenceStream(numbered, seed=0), numbered, Process())
     epochs = [torch.cat([next(batches)[1] for _ in range(32)]).tolist() for _ in range(2)]  # targets: the indices
     assert all(sorted(epoch) == list(range(1024)) for epoch in epochs)
     assert epochs[0] != epochs[1]
@@ -76,8 +76,14 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(make_config, monkeypatch
 def test_kill_9_of_a_real_run_then_resume_is_bit_identical(make_config, monkeypatch, stream, kind, num_workers):
     stream(kind)
     monkeypatch.setenv("STAND_IN_STREAM", kind)  # for the process the test kills
-    run = ["max_steps=120", "accum_steps=2", "log_every=10", "eval_every=50", "ckpt_every=30",
-           f"num_workers={num_workers}"]  # fmt: skip
+    run = [
+        "max_steps=120",
+        "accum_steps=2",
+        "log_every=10",
+        "eval_every=50",
+        "ckpt_every=30",
+        f"num_workers={num_workers}",
+    ]
     reference = make_config(*run, name="reference")
     train(reference)
     out_dir = Path(reference.out_dir).parent / "killed"
@@ -97,7 +103,7 @@ def test_the_datas_random_draws_leave_the_training_streams_alone(make_config, st
     stream("plain")  # draws from torch, NumPy and Python as it is read, in this process (no workers)
     cfg = make_config()
     train_set, val_set = stand_in.build_datasets(cfg)
-    batches, _ = build_loaders(cfg, train_set, val_set, Dist())
+    batches, _ = build_loaders(cfg, train_set, val_set, Process())
     torch.manual_seed(1)
     next(batches)
     after_a_batch = torch.rand(3)
@@ -106,8 +112,10 @@ def test_the_datas_random_draws_leave_the_training_streams_alone(make_config, st
 
 
 def test_the_start_block_says_how_the_stream_resumes(make_config, stream, caplog):
-    for kind, name, says in [("plain", "SequenceStream", "reading again the batches already trained on"),
-                             ("stateful", "StatefulSequenceStream", "its own state_dict()")]:  # fmt: skip
+    for kind, name, says in [
+        ("plain", "SequenceStream", "reading again the batches already trained on"),
+        ("stateful", "StatefulSequenceStream", "its own state_dict()"),
+    ]:
         stream(kind)
         caplog.clear()
         with caplog.at_level("INFO"):
@@ -136,8 +144,7 @@ def test_a_stream_too_short_for_a_batch_is_one_line(make_config, stream, monkeyp
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_an_iterable_validation_set_measures_what_the_same_samples_do_map_style(make_config, monkeypatch,
-                                                                               num_workers):  # fmt: skip
+def test_an_iterable_validation_set_measures_what_the_same_samples_do_map_style(make_config, monkeypatch, num_workers):
     run = ["max_steps=4", "warmup_steps=0", "eval_every=2", "log_every=2", f"num_workers={num_workers}"]
     train(make_config(*run, name="map"))
     monkeypatch.setattr(stand_in, "VAL_STREAM", True)
@@ -159,7 +166,7 @@ def test_max_eval_batches_caps_an_iterable_validation_set_at_as_many_samples(mak
         seen.append(len(target))
         return stand_in.metric_totals(output, target, task)
 
-    monkeypatch.setattr(evaluate_module, "metric_totals", spy)
+    monkeypatch.setattr(validation_module, "metric_totals", spy)
     monkeypatch.setattr(stand_in, "VAL_STREAM", True)
     run = ["max_steps=2", "warmup_steps=0", "eval_every=2", "log_every=2", f"num_workers={num_workers}"]
     train(make_config(*run, "max_eval_batches=3"))
@@ -172,7 +179,7 @@ def test_an_empty_part_of_an_iterable_validation_set_is_one_line(make_config, mo
     another_without = SimpleNamespace(agree_max_each=lambda values: [values[0], 1, 1])
     monkeypatch.setattr(stand_in, "VAL_STREAM", True)
     cfg = make_config()
-    _, val_loader = build_loaders(cfg, *stand_in.build_datasets(cfg), Dist())
+    _, val_loader = build_loaders(cfg, *stand_in.build_datasets(cfg), Process())
     go_on = evaluation_agreement(another_without)
     with pytest.raises(ConfigError, match="^a process had no validation batch: every process's part of an iterable"):
         evaluate(stand_in.build_model(cfg), val_loader, torch.device("cpu"), Precision("fp32", "cpu"), cfg.task, go_on)

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,15 +20,15 @@ import pytest
 import torch
 import yaml
 
-from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import plot as plot_module
-from {{ cookiecutter.package_name }} import progress as progress_module
 from {{ cookiecutter.package_name }} import train as train_module
-from {{ cookiecutter.package_name }}.config import DEBUG_EVAL_BATCHES, to_dict
+from {{ cookiecutter.package_name }}.essentials import validation as validation_module
+from {{ cookiecutter.package_name }}.essentials.config import DEBUG_EVAL_BATCHES, to_dict
 from {{ cookiecutter.package_name }}.export import main as export_main
-from {{ cookiecutter.package_name }}.metrics import read_metrics
-from {{ cookiecutter.package_name }}.progress import Progress
-from {{ cookiecutter.package_name }}.speed import Speed
+from {{ cookiecutter.package_name }}.machinery import progress as progress_module
+from {{ cookiecutter.package_name }}.machinery.metrics import read_metrics
+from {{ cookiecutter.package_name }}.machinery.progress import Progress
+from {{ cookiecutter.package_name }}.machinery.speed import Speed
 from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
@@ -355,7 +356,7 @@ def test_debug_runs_every_part_in_a_few_steps_beside_the_real_run(make_config, m
         batches["n"] += 1
         return stand_in.metric_totals(output, target, task)
 
-    monkeypatch.setattr(evaluate_module, "metric_totals", counted)
+    monkeypatch.setattr(validation_module, "metric_totals", counted)
     for _ in range(2):  # its folder is replaced each time
         assert main(cli(cfg.out_dir, "max_steps=5000", "eval_every=500", "debug=true")) == 0
     assert batches["n"] == 2 * DEBUG_EVAL_BATCHES  # of the validation set's 16 batches
@@ -365,3 +366,41 @@ def test_debug_runs_every_part_in_a_few_steps_beside_the_real_run(make_config, m
     assert [r["step"] for r in records if "val_loss" in r] == [4]  # one evaluation, best.pt and last.pt saved
     assert checkpoint(debug)["step"] == 4 and checkpoint(debug, "best.pt")["step"] == 4
     assert (Path(cfg.out_dir) / "last.pt").read_bytes() == b"a real run's state"
+
+
+# An error in the user's code (data.py, task.py) with DataLoader workers: the run ends at once, the error shown
+# once. Before workers_ended, the process printed the traceback and then waited for its workers forever.
+ENDS_WITHIN_SECONDS = 90  # a run of a few steps takes 5 to 15 s here, on a busy machine too
+
+
+@pytest.mark.parametrize(
+    ("where", "stream"),
+    [("loss:15", ""), ("metrics:3", ""), ("data:100", ""), ("data:100", "plain")],
+    ids=["compute_loss", "metric_totals", "a-sample-in-a-worker", "a-stream-record-in-a-worker"],
+)
+def test_a_run_with_workers_ends_soon_after_an_error_in_the_users_code(tmp_path, where, stream):
+    command = [sys.executable, str(ROOT / "tests" / "stand_in_cli.py"), "train", f"--fail={where}"]
+    overrides = [f"out_dir={tmp_path / 'run'}", *RUN, "num_workers=2"]
+    env = {**SCRIPT_ENV, "STAND_IN_STREAM": stream}
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(
+            [*command, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=ENDS_WITHIN_SECONDS
+        )
+    except subprocess.TimeoutExpired as e:
+        printed = (e.stderr or b"").decode()[-2000:]
+        pytest.fail(f"still running {ENDS_WITHIN_SECONDS}s after it started; it printed:\n{printed}")
+    print(f"{where}: exit {result.returncode} after {time.perf_counter() - started:.1f}s")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("InjectedFailure: injected failure in") == 1, result.stderr[-3000:]
+
+
+def test_evaluate_with_workers_ends_soon_after_an_error_in_metric_totals(make_config, tmp_path):
+    cfg = make_config("max_steps=4", "warmup_steps=0", "eval_every=4", "ckpt_every=4")
+    train(cfg)
+    command = [sys.executable, str(ROOT / "tests" / "stand_in_cli.py"), "evaluate", "--fail=metrics:2"]
+    arguments = ["--checkpoint", str(Path(cfg.out_dir) / "best.pt"), "num_workers=2"]
+    run = [*command, *arguments]
+    result = subprocess.run(run, cwd=ROOT, env=SCRIPT_ENV, capture_output=True, text=True, timeout=ENDS_WITHIN_SECONDS)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("InjectedFailure: injected failure in metric_totals") == 1, result.stderr[-3000:]

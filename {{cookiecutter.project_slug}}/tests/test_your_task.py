@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from {{ cookiecutter.package_name }}.config import load_config
 from {{ cookiecutter.package_name }}.data import build_datasets
-from {{ cookiecutter.package_name }}.evaluate import evaluate
-from {{ cookiecutter.package_name }}.metrics import read_metrics
+from {{ cookiecutter.package_name }}.essentials.config import load_config
+from {{ cookiecutter.package_name }}.essentials.precision import Precision
+from {{ cookiecutter.package_name }}.essentials.validation import evaluate
+from {{ cookiecutter.package_name }}.machinery.metrics import read_metrics
 from {{ cookiecutter.package_name }}.model import build_model
-from {{ cookiecutter.package_name }}.precision import Precision
 from {{ cookiecutter.package_name }}.task import METRIC_GOALS, compute_loss, compute_metrics, metric_totals
 {%- if cookiecutter.loop == "plain" %}
 from {{ cookiecutter.package_name }}.train import fsdp_units, train  # model.py's, or the default when it has none

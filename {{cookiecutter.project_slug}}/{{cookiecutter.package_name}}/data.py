@@ -2,8 +2,8 @@
 
 ``build_datasets(cfg)`` returns ``(train_dataset, val_dataset)``: map-style
 datasets (``__len__`` and ``__getitem__``) whose items are ``(input, target)``,
-or for training an ``IterableDataset`` that reads its part (``loader.stream_part``;
-README: Streaming training data). The loop never looks inside them. The stand-in below is a synthetic
+or for training an ``IterableDataset`` that reads its part (``machinery.stream_part``;
+docs/streaming.md). The loop never looks inside them. The stand-in below is a synthetic
 classification task generated from the seed (no downloads): Gaussian clusters,
 one per class, in ``task.input_dim`` dimensions.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from .config import Config
+from .essentials.config import Config
 
 
 class TensorPairs(Dataset):

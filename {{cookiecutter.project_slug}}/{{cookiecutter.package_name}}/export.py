@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_checkpoint, load_weights
-from .config import ConfigError, config_from_dict, dump_yaml
-from .files import atomic_write
+from .essentials.checkpoint import CheckpointError, load_checkpoint, load_weights
+from .essentials.config import ConfigError, config_from_dict, dump_yaml
+from .machinery.files import atomic_write
 from .model import build_model
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 if TYPE_CHECKING:  # for the annotations only: model.py and task.py load alone, as the exported weights' users do
-    from .config import Config
+    from .essentials.config import Config
 {%- if cookiecutter.loop == "plain" %}
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .metrics import read_metrics
+from .machinery.metrics import read_metrics
 from .task import METRIC_GOALS
 
 
@@ -60,22 +60,32 @@ def plot(out_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     train, evals, names = split_records(read_metrics(out_dir / "metrics.jsonl"))
-    fig, axes = plt.subplots(2 + len(names), 1, sharex=True, figsize=(9, 3 + 2.5 * (1 + len(names))),
-                             constrained_layout=True, squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        2 + len(names), 1, sharex=True, figsize=(9, 3 + 2.5 * (1 + len(names))), constrained_layout=True, squeeze=False
+    )
     loss_ax, *metric_axes, lr_ax = axes[:, 0]
     logged = [r for r in train if "loss" in r]
     steps, losses = [r["step"] for r in logged], [r["loss"] for r in logged]
     loss_ax.plot(steps, losses, color="tab:blue", alpha=0.35, label="train loss (mean of each log interval)")
     if steps:
         half_window = max(1, (steps[-1] - steps[0]) / 40)
-        loss_ax.plot(steps, centred_mean(steps, losses, half_window), color="tab:blue",
-                     label=f"train loss (mean over ±{half_window:.0f} steps)")  # fmt: skip
+        loss_ax.plot(
+            steps,
+            centred_mean(steps, losses, half_window),
+            color="tab:blue",
+            label=f"train loss (mean over ±{half_window:.0f} steps)",
+        )
     loss_ax.set_ylabel("training loss")
     if losses and min(losses) > 0:
         loss_ax.set_yscale("log")
     for ax, name in zip(metric_axes, names, strict=True):
-        ax.plot([r["step"] for r in evals if name in r], [r[name] for r in evals if name in r], "o-",
-                color="tab:orange", label=name)  # fmt: skip
+        ax.plot(
+            [r["step"] for r in evals if name in r],
+            [r[name] for r in evals if name in r],
+            "o-",
+            color="tab:orange",
+            label=name,
+        )
         ax.set_ylabel(name)
     lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green", label="learning rate")
     lr_ax.set_ylabel("learning rate")

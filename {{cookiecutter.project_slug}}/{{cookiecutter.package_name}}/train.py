@@ -9,10 +9,10 @@ device, joins the processes, wraps the model in DDP, autocasts its forward and s
 fp16 losses; the loop keeps the rest (the step's exact mean, the guard, checkpoints, resume).
 {%- endif %}
 
-The essentials each live in a file named after them: config.py, seed.py,
-precision.py, schedule.py, checkpoint.py (+ evaluate.py for validation). The
-state of a run is state.py; its folder, run_folder.py.
-Yours to replace: data.py, model.py, task.py (loss and metric).
+The six essentials each live in a file named after them, in essentials/: config.py,
+seed.py, precision.py, clipping.py, schedule.py, validation.py + checkpoint.py.
+What a run needs besides (processes, batches, the run folder, signals, progress)
+is in machinery/. Yours to replace: data.py, model.py, task.py (loss and metric).
 
 Exit status: 0 done; 1 training failed (non-finite steps, a checkpoint that
 cannot be read or written); 2 bad input (config, command line); 128 + signal
@@ -26,51 +26,57 @@ import argparse
 import contextlib
 import importlib.util
 import logging
-import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-{%- if cookiecutter.loop == "plain" %}
-from torch.distributed.tensor import DTensor
-{%- endif %}
 from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
-
-from . import distributed, run_folder
-{%- if cookiecutter.loop == "plain" %}
+{% if cookiecutter.loop == "plain" %}
 from . import model as your_model
 {%- endif %}
-from .checkpoint import (
+from .data import build_datasets  # yours: data.py, model.py, task.py
+from .essentials import (  # the lesson: essentials/, each essential in the file named after it
     CheckpointError,
+    Config,
+    ConfigError,
+    Precision,
+    allow_tf32,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    load_config,
     load_weights,
+    monitor_goal,
+    optimizer_step,
     read_on_every_rank,
+    resolve_precision,
     restore_training,
     save_best,
     save_training,
+    seed_everything,
+    validate,
 )
-from .config import Config, ConfigError, load_config
-from .data import build_datasets
-from .evaluate import evaluate, evaluation_agreement
-from .loader import build_loaders
-from .metrics import MetricsLog
+from .machinery import (  # what a run needs besides: processes, batches, the run folder, signals, progress
+    Progress,
+    Speed,
+    StopRequest,
+    TrackerError,
+    TrainingError,
+    TrainState,
+    build_loaders,
+    describe_run,
+    distributed,
+    run_folder,
+    workers_ended,
+)
 from .model import build_model
-from .optimizer import build_optimizer
-from .precision import Precision, allow_tf32, resolve_precision
-from .progress import Progress, describe_run
-from .schedule import build_scheduler
-from .seed import seed_everything
-from .signals import StopRequest
-from .speed import Speed
-from .state import TrainingError, TrainState
-from .task import METRIC_GOALS, compute_loss
-from .trackers import TrackerError
+from .task import compute_loss
 
 log = logging.getLogger(__name__)
 {%- if cookiecutter.loop == "plain" %}
@@ -87,70 +93,39 @@ def divide_gradients(params: list[nn.Parameter], divisor: torch.Tensor) -> None:
             grads_on.setdefault(p.grad.device, []).append(p.grad)
     for device, grads in grads_on.items():
         torch._foreach_div_(grads, divisor.to(device))
-{%- if cookiecutter.loop == "plain" %}
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Essential 4: scale the gradients so that their total norm is at most ``max_norm`` (0: leave them alone).
-
-    Returns the norm before clipping, as a tensor (no host sync). Call it after ``scaler.unscale_``, so that it
-    sees the true gradients. torch's own clipping, in its two halves, as torchtitan calls it under FSDP.
-    """
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if isinstance(norm, DTensor):  # FSDP's sharded gradients: the norm over every rank's shards
-        norm = norm.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
-{%- endif %}
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
-    """``optimizer.step()``, unless ``skip`` (a float32 0/1 tensor) is 1: decided on the device where possible."""
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
-        # Fused optimizers take GradScaler's found_inf flag and skip on the device; the
-        # gradients are already unscaled (grad_scale None). GradScaler.step(optimizer) does
-        # the same for fp16 only: this works for every precision.
-        optimizer.grad_scale, optimizer.found_inf = None, skip
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf
-    elif not skip.item():  # any other optimizer: one host read per step, as GradScaler.step makes for it
-        optimizer.step()
-
-
-def train_step(state: TrainState, ctx: distributed.Dist, precision: Precision) -> None:
+def train_step(state: TrainState, process: distributed.Process, precision: Precision) -> None:
     """One optimizer step over ``accum_steps`` micro-batches: the anatomy of a training step."""
     cfg, model, optimizer = state.cfg, state.model, state.optimizer
-    step_loss = torch.zeros((), device=ctx.device)  # the step's loss, summed over its terms, on the device
-    step_count = torch.zeros((), device=ctx.device)  # how many terms (samples, tokens...) it summed
+    step_loss = torch.zeros((), device=process.device)  # the step's loss, summed over its terms, on the device
+    step_count = torch.zeros((), device=process.device)  # how many terms (samples, tokens...) it summed
     for micro in range(cfg.accum_steps):
-        inputs, targets = (tensor.to(ctx.device, non_blocking=True) for tensor in next(state.batches))
+        inputs, targets = (tensor.to(process.device, non_blocking=True) for tensor in next(state.batches))
         # Accumulation: gradients add up over the micro-batches, and processes sync them in the last one only.
 {%- if cookiecutter.loop == "plain" %}
-        hold_back = micro < cfg.accum_steps - 1  # (FSDP, unless fsdp_accumulate=whole, syncs every one)
-        with distributed.no_gradient_sync(model, cfg.fsdp_accumulate) if hold_back else contextlib.nullcontext():
+        accumulating = micro < cfg.accum_steps - 1  # (FSDP, unless fsdp_accumulate=whole, syncs every one)
+        with distributed.no_gradient_sync(model, cfg.fsdp_accumulate) if accumulating else contextlib.nullcontext():
             with precision.autocast():  # 3. Mixed precision: the forward and the loss in bf16 or fp16
                 loss_sum, count = compute_loss(model(inputs), targets)  # task.py: the loss SUMMED, and its count
             state.scaler.scale(loss_sum).backward()  # fp16: scaled up, so that small gradients do not underflow
 {%- else %}
-        with contextlib.nullcontext() if micro == cfg.accum_steps - 1 else ctx.accelerator.no_sync(model):
+        with contextlib.nullcontext() if micro == cfg.accum_steps - 1 else process.accelerator.no_sync(model):
             # 3. Mixed precision: the prepared model autocasts its forward to bf16 or fp16.
             loss_sum, count = compute_loss(model(inputs), targets)  # task.py: the loss SUMMED, and its count
-            ctx.accelerator.backward(loss_sum)  # fp16: scaled up, so that small gradients do not underflow
+            process.accelerator.backward(loss_sum)  # fp16: scaled up, so that small gradients do not underflow
 {%- endif %}
         step_loss += loss_sum.detach()
         step_count += count
     # Accumulation, exact: the step's gradients are those of its MEAN loss over all its terms, in every
     # micro-batch of every process: the summed loss's gradients, averaged over processes, / (count / processes).
 {%- if cookiecutter.loop == "plain" %}
-    step_loss, step_count = ctx.sum_over_ranks(torch.stack((step_loss, step_count))).unbind()
+    step_loss, step_count = process.sum_over_ranks(torch.stack((step_loss, step_count))).unbind()
 {%- else %}
-    step_loss, step_count = ctx.accelerator.reduce(torch.stack((step_loss, step_count)), "sum").unbind()
+    step_loss, step_count = process.accelerator.reduce(torch.stack((step_loss, step_count)), "sum").unbind()
 {%- endif %}
     step_count = step_count.clamp(min=1)  # no terms at all: the sum is 0, and so is the mean
-    divide_gradients(state.params, step_count / ctx.world_size)
+    divide_gradients(state.params, step_count / process.world_size)
 {%- if cookiecutter.loop == "plain" %}
     state.scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping measures them
     grad_norm = clip_gradients(state.params, cfg.clip_grad_norm)  # 4. Gradient clipping; the norm before it
@@ -159,10 +134,10 @@ def train_step(state: TrainState, ctx: distributed.Dist, precision: Precision) -
     state.scaler.update()  # fp16: a smaller scale after an overflow, a larger one after 2000 clean steps
 {%- else %}
     # 4. Gradient clipping, after unscaling fp16's gradients; the norm before it. 0: no limit.
-    grad_norm = ctx.accelerator.clip_grad_norm_(state.params, cfg.clip_grad_norm or math.inf)
+    grad_norm = clip_gradients(process.accelerator, state.params, cfg.clip_grad_norm)
     # The non-finite guard: a step whose gradients hold an inf or NaN is skipped, decided on the device: by fp16's
     # GradScaler (which also lowers its scale), or by the optimizer Accelerate wraps (its own step has no flag).
-    if ctx.accelerator.scaler is not None:
+    if process.accelerator.scaler is not None:
         optimizer.step()
     else:
         optimizer_step(optimizer.optimizer, skip=torch.where(grad_norm.isfinite(), 0.0, 1.0))
@@ -171,50 +146,6 @@ def train_step(state: TrainState, ctx: distributed.Dist, precision: Precision) -
     state.scheduler.step()  # 5. LR schedule: the next step's learning rate (a skipped step counts too)
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
-
-
-def monitor_goal(cfg: Config) -> str:
-    """``min`` or ``max``: which way ``cfg.monitor`` improves, as task.py declares (checked before writing)."""
-    if cfg.monitor not in METRIC_GOALS:
-        raise ConfigError(f"monitor '{cfg.monitor}' is not a metric of task.py; choose one of {sorted(METRIC_GOALS)}")
-    goal = METRIC_GOALS[cfg.monitor]
-    if goal not in ("min", "max"):
-        raise ConfigError(f"METRIC_GOALS in task.py says {goal!r} for {cfg.monitor}: it must be 'min' or 'max'")
-    return goal
-
-
-def is_better(value: float, best: float | None, goal: str) -> bool:
-    if best is None:
-        return math.isfinite(value)
-    return value < best if goal == "min" else value > best
-
-
-def validate(
-    state: TrainState, val_loader: DataLoader, ctx: distributed.Dist, precision: Precision, metrics_log: MetricsLog,
-    go_on: Callable[[bool, int], str],
-) -> bool | None:  # fmt: skip
-    """Essential 6: evaluate, record, and say whether ``best.pt`` is due (``cfg.monitor`` improved).
-
-    ``go_on``: ``evaluation_agreement``. None: a stop request abandoned the evaluation (see ``evaluate``); the
-    run saves and stops, and its resumption evaluates this step first.
-    """
-    metrics = evaluate(state.model, val_loader, ctx.device, precision, state.cfg.task, go_on)
-    state.eval_due = metrics is None
-    if metrics is None:
-        return None
-    monitor = state.cfg.monitor
-    state.metrics = metrics
-    if monitor not in metrics:
-        raise ConfigError(f"task.py declares '{monitor}' but evaluation measured only {sorted(metrics)}")
-    new_best = is_better(metrics[monitor], state.best_metric, monitor_goal(state.cfg))
-    metrics_log.write({"step": state.step, **metrics}, group="val")
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-    log.info("eval step %d  %s%s", state.step, shown, "  (new best)" if new_best else "")
-    if new_best and state.step_log.bad_streak == 0:  # never the weights of a bad step
-        state.best_metric, state.best_step, state.evals_since_best = metrics[monitor], state.step, 0
-        return True
-    state.evals_since_best += 1
-    return False
 
 
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -234,42 +165,44 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     return torch.compile(model)
 
 
-def set_up(cfg: Config, ctx: distributed.Dist, precision: Precision) -> tuple[TrainState, DataLoader, Path | None]:
+def set_up(
+    cfg: Config, process: distributed.Process, precision: Precision
+) -> tuple[TrainState, DataLoader, Path | None]:
     """The state of the run (fresh, resumed from a checkpoint, or started from one's weights), the validation
     data, and the checkpoint it resumed from, if any. Everything is checked before any file is written."""
     seed_everything(cfg.seed)  # 2. Seed: once, first; the same initial weights on every rank
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    allow_tf32(ctx.device, cfg.tf32)
+    allow_tf32(process.device, cfg.tf32)
     monitor_goal(cfg)
-    resume_from, init_from = run_folder.choose_start(cfg, ctx)
-    saved = read_on_every_rank(resume_from or init_from, ctx)  # before anything is built: it may not be readable
+    resume_from, init_from = run_folder.choose_start(cfg, process)
+    saved = read_on_every_rank(resume_from or init_from, process)  # before anything is built: it may not be readable
     train_set, val_set = build_datasets(cfg)
 {%- if cookiecutter.loop == "plain" %}
     # Built in CPU memory; then on the device, under torchrun in DDP, or sharded (parallel=fsdp, by fsdp_units
     # in model.py: each unit goes to the device as its shard, so no GPU holds the whole model); then the optimizer.
-    model = distributed.parallelize(build_model(cfg), cfg.parallel, ctx, precision, fsdp_units)
-    optimizer = build_optimizer(model, cfg, ctx.device)
+    model = distributed.parallelize(build_model(cfg), cfg.parallel, process, precision, fsdp_units)
+    optimizer = build_optimizer(model, cfg, process.device)
     # A GradScaler for fp16 (agreeing on overflows across FSDP's shards); for bf16 and fp32 one that does nothing.
-    scaler = precision.make_scaler(sharded=ctx.enabled and cfg.parallel == "fsdp")
+    scaler = precision.make_scaler(sharded=process.has_peers and cfg.parallel == "fsdp")
 {%- else %}
     # Accelerate: DDP under several processes, autocast around the forward, fp16's GradScaler in the step. Not
     # the schedule: a torch LR scheduler prepared by Accelerate steps num_processes times per optimizer step (it
     # counts batches per process); this one counts optimizer steps, on any number of processes.
-    model = build_model(cfg).to(ctx.device)
-    model, optimizer = ctx.accelerator.prepare(model, build_optimizer(model, cfg, ctx.device))
+    model = build_model(cfg).to(process.device)
+    model, optimizer = process.accelerator.prepare(model, build_optimizer(model, cfg, process.device))
     # Accelerate's GradScaler for fp16 on a GPU; otherwise one that does nothing (checkpoints hold its state).
-    scaler = ctx.accelerator.scaler or torch.amp.GradScaler(ctx.device.type, enabled=False)
+    scaler = process.accelerator.scaler or torch.amp.GradScaler(process.device.type, enabled=False)
 {%- endif %}
-    batches, val_loader = build_loaders(cfg, train_set, val_set, ctx)
-    if ctx.enabled:
-        seed_everything(cfg.seed + ctx.rank)  # each rank its own dropout/augmentation stream
+    batches, val_loader = build_loaders(cfg, train_set, val_set, process)
+    if process.has_peers:
+        seed_everything(cfg.seed + process.rank)  # each rank its own dropout/augmentation stream
     if cfg.compile:
-        model = compile_model(model, ctx.device)
+        model = compile_model(model, process.device)
     state = TrainState(cfg, model, optimizer, build_scheduler(optimizer, cfg), scaler, batches)
     if resume_from is not None:
         run_folder.report_config_changes(saved["config"], cfg, resume_from)
-        restore_training(resume_from, saved, state, ctx)
+        restore_training(resume_from, saved, state, process)
     elif init_from is not None:  # fine-tuning: only the weights; optimizer, schedule and step start afresh
         load_weights(model, saved, init_from)
     return state, val_loader, resume_from
@@ -277,76 +210,79 @@ def set_up(cfg: Config, ctx: distributed.Dist, precision: Precision) -> tuple[Tr
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train as ``cfg`` says; return a summary. Raises ConfigError, CheckpointError or TrainingError."""
-    ctx = distributed.setup(cfg)
+    process = distributed.setup(cfg)
     try:  # stop requests (SIGTERM, Ctrl-C, the time limit) from here: one during set-up stops after the first step
         with StopRequest(cfg.max_time_minutes) as stop:
-            summary = run(cfg, ctx, stop)
+            summary = run(cfg, process, stop)
     except BaseException:
-        distributed.cleanup(ctx, wait_for_others=False)
+        distributed.cleanup(process, wait_for_others=False)
         raise
-    distributed.cleanup(ctx)
+    distributed.cleanup(process)
     return summary
 
 
-def run(cfg: Config, ctx: distributed.Dist, stop: StopRequest) -> dict[str, Any]:
+def run(cfg: Config, process: distributed.Process, stop: StopRequest) -> dict[str, Any]:
     """Set up; then the loop: one train_step per optimizer step, and between steps whatever is due."""
     started = time.perf_counter()
-    precision = resolve_precision(cfg.precision, ctx.device)
-    state, val_loader, resumed_from = set_up(cfg, ctx, precision)
-    metrics_log = run_folder.open_run_folder(state, ctx, resumed=resumed_from is not None)
-    describe_run(cfg, ctx.device, precision.name, sum(p.numel() for p in state.params), ctx.world_size,
-                 f"resumed from {resumed_from} at step {state.step}" if resumed_from else "")  # fmt: skip
+    precision = resolve_precision(cfg.precision, process.device)
+    state, val_loader, resumed_from = set_up(cfg, process, precision)
+    metrics_log = run_folder.open_run_folder(state, process, resumed=resumed_from is not None)
+    resumed = f"resumed from {resumed_from} at step {state.step}" if resumed_from else ""
+    describe_run(cfg, process.device, precision.name, sum(p.numel() for p in state.params), process.world_size, resumed)
     log.info("data:       %s", state.batches.describe())
     best, latest = Path(cfg.out_dir) / "best.pt", run_folder.latest_checkpoint(cfg)
-    if state.eval_due and validate(state, val_loader, ctx, precision, metrics_log, evaluation_agreement(ctx)):
-        save_best(best, state, ctx)  # the evaluation a stop request cut short, done as the uninterrupted run did
-    go_on_evaluating = evaluation_agreement(ctx, stop)  # the processes stop, or go on, together
-    stop_agreement = distributed.AgreedNextStep(ctx)
+    evaluating_together = distributed.evaluation_agreement(process, stop)  # the processes stop, or go on, together
+    stop_agreement = distributed.AgreedNextStep(process)
     start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
-    state.model.train()
-    speed = Speed(cfg, ctx.device, val_loader, build_model, compute_loss)  # tokens/s, memory, mfu (speed.py)
-    progress = Progress(cfg, state.step, cfg.batch_size * cfg.accum_steps * ctx.world_size, ctx.is_main, speed)
-    # While the bar is drawn, log lines are written above it instead of through it.
-    redirect = logging_redirect_tqdm() if progress.show_bar else contextlib.nullcontext()
-    with redirect:
-        while state.step < cfg.max_steps:
-            train_step(state, ctx, precision)
-            if state.step == start_step + 1:  # throughput from here on: the first step also started things up
-                progress.restart_window(state.step, outside_seconds)
+    # DataLoader workers ignore SIGTERM (machinery/loader.py): they are ended here on every way out, an error's too.
+    with workers_ended(state.batches, val_loader):
+        if state.eval_due:  # the evaluation a stop request cut short, done first, as the uninterrupted run did
+            if validate(state, val_loader, process, precision, metrics_log, distributed.evaluation_agreement(process)):
+                save_best(best, state, process)
+        state.model.train()
+        speed = Speed(cfg, process.device, val_loader, build_model, compute_loss)  # tokens/s, memory, mfu
+        global_batch = cfg.batch_size * cfg.accum_steps * process.world_size
+        progress = Progress(cfg, state.step, global_batch, process.is_main, speed)
+        # While the bar is drawn, log lines are written above it instead of through it.
+        with logging_redirect_tqdm() if progress.show_bar else contextlib.nullcontext():
+            while state.step < cfg.max_steps:
+                train_step(state, process, precision)
+                if state.step == start_step + 1:  # throughput from here on: the first step also started things up
+                    progress.restart_window(state.step, outside_seconds)
 
-            # --- between steps: logging, validation, checkpoints (the only places values are read) ---
-            final = state.step == cfg.max_steps
-            do_log = final or state.step % cfg.log_every == 0
-            do_eval = final or state.step % cfg.eval_every == 0
-            do_ckpt = final or state.step % cfg.ckpt_every == 0
-            # A stop request (SIGTERM, Ctrl-C, max_time_minutes) is acted on after the step it arrives in; under
-            # torchrun after the next one, every rank at the same step: the requests travel while it runs.
-            stop_reason = stop_agreement.exchange(stop.reason())
-            if not (do_log or do_eval or do_ckpt or stop_reason):
-                continue
-            state.step_log.read(state.step, state.scaler.is_enabled(), cfg.max_bad_steps)
-            if do_log:
-                record = state.step_log.record(state.step)
-                progress.update(state.step, record, state.step_log.terms_per_step, outside_seconds)  # + the speed
-                metrics_log.write(record, group="train")  # rank 0 only
-            paused = time.perf_counter()
-            # 6. Validation + best checkpoint: best.pt is replaced only when the monitored metric improves.
-            if do_eval:
-                improved = validate(state, val_loader, ctx, precision, metrics_log, go_on_evaluating)
-                if improved:
-                    save_best(best, state, ctx)
-                elif improved is None:  # abandoned: the ranks agreed on a stop request
-                    stop_reason = ctx.agree_max(stop.reason())
-            # Early stopping: patience evaluations in a row without a new best (the same verdict on every rank).
-            out_of_patience = do_eval and cfg.patience > 0 and state.evals_since_best >= cfg.patience
-            if stop_reason or out_of_patience or (do_ckpt and state.step_log.bad_streak == 0):
-                save_training(latest, state, ctx)
-            outside_seconds += time.perf_counter() - paused
-            if stop_reason or out_of_patience:
-                run_folder.announce_stop(state, ctx, stop_reason)
-                break
-        stop_agreement.settle()
-        train_seconds, samples = progress.close(state.step, outside_seconds)
+                # --- between steps: logging, validation, checkpoints (the only places values are read) ---
+                final = state.step == cfg.max_steps
+                do_log = final or state.step % cfg.log_every == 0
+                do_eval = final or state.step % cfg.eval_every == 0
+                do_ckpt = final or state.step % cfg.ckpt_every == 0
+                # A stop request (SIGTERM, Ctrl-C, max_time_minutes) is acted on after the step it arrives in; under
+                # torchrun after the next one, every rank at the same step: the requests travel while it runs.
+                stop_reason = stop_agreement.exchange(stop.reason())
+                if not (do_log or do_eval or do_ckpt or stop_reason):
+                    continue
+                state.step_log.read(state.step, state.scaler.is_enabled(), cfg.max_bad_steps)
+                if do_log:
+                    record = state.step_log.record(state.step)
+                    progress.update(state.step, record, state.step_log.terms_per_step, outside_seconds)  # + speed
+                    metrics_log.write(record, group="train")  # rank 0 only
+                paused = time.perf_counter()
+                # 6. Validation + best checkpoint: best.pt is replaced only when the monitored metric improves.
+                if do_eval:
+                    improved = validate(state, val_loader, process, precision, metrics_log, evaluating_together)
+                    if improved:
+                        save_best(best, state, process)
+                    elif improved is None:  # abandoned: the ranks agreed on a stop request
+                        stop_reason = process.agree_max(stop.reason())
+                # Early stopping: patience evaluations in a row without a new best (the same verdict on every rank).
+                out_of_patience = do_eval and cfg.patience > 0 and state.evals_since_best >= cfg.patience
+                if stop_reason or out_of_patience or (do_ckpt and state.step_log.bad_streak == 0):
+                    save_training(latest, state, process)
+                outside_seconds += time.perf_counter() - paused
+                if stop_reason or out_of_patience:
+                    run_folder.announce_stop(state, process, stop_reason)
+                    break
+            stop_agreement.settle()
+            train_seconds, samples = progress.close(state.step, outside_seconds)
     metrics_log.close()
     return run_folder.finish(state, time.perf_counter() - started, train_seconds, samples, stop_reason)
 

@@ -6,7 +6,7 @@
   (``torch.cuda.max_memory_allocated``); on a CPU, the process's peak resident memory (``ru_maxrss``).
 - ``mfu`` (model FLOPs utilization), when ``peak_flops`` is set: the FLOPs of one optimizer step's forwards and
   backwards on a process, times steps per second, over ``peak_flops``, its device's peak FLOP/s in the precision
-  trained in (the README has a table). The FLOPs are counted once, at start, by
+  trained in (docs/gpus.md has a table). The FLOPs are counted once, at start, by
   ``torch.utils.flop_counter.FlopCounterMode`` on a copy of the model on the meta device (no memory, no
   arithmetic, no random draws), fed a validation batch: the matrix products, convolutions and attention,
   which is what MFU counts, not the elementwise work.
@@ -29,8 +29,12 @@ log = logging.getLogger(__name__)
 MEASURED = ("tokens_per_s", "peak_memory_mb", "mfu")  # timings and memory: they differ between equal runs
 
 
-def count_flops(build_model: Callable, cfg: Any, batch: tuple[torch.Tensor, torch.Tensor], compute_loss: Callable,
-                ) -> int | None:  # fmt: skip
+def count_flops(
+    build_model: Callable,
+    cfg: Any,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    compute_loss: Callable,
+) -> int | None:
     """FLOPs of one micro-batch's forward and backward (``batch``: inputs and targets), counted on a copy of the
     model built on the meta device; None, with a warning, when the model cannot run there."""
     try:

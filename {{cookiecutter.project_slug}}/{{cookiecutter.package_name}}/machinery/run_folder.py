@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, differences, dump_yaml, to_dict
-from .distributed import Dist
+from ..essentials.config import Config, ConfigError, differences, dump_yaml, to_dict
+from ..essentials.schedule import decay_horizon
+from .distributed import Process
 from .files import remove
 from .metrics import MetricsLog, require_tensorboard
 from .progress import summarize
-from .schedule import decay_horizon
 from .signals import TIME_LIMIT, exit_status
 from .state import TrainingError, TrainState
 from .trackers import TrackerError, require_tracker, start_tracker
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "last", "best.pt")  # last: parallel=fsdp's, a folder
 # Written when a signal or max_time_minutes stopped the run (after last.pt), removed when it starts again:
-# torchrun exits 1 when its processes exit 143 or 124, so a requeue script looks for this file (README,
-# Resuming and preemption).
+# torchrun exits 1 when its processes exit 143 or 124, so a requeue script looks for this file
+# (docs/resume.md).
 STOPPED_MARKER = "stopped_by_signal"
 # Changing these on resume is harmless; any other difference is reported as one
 # that makes the resumed run differ from an uninterrupted one.
@@ -83,16 +83,16 @@ def check_out_dir(cfg: Config, resuming_from: Path | None) -> None:
         )
 
 
-def choose_start(cfg: Config, ctx: Dist) -> tuple[Path | None, Path | None]:
+def choose_start(cfg: Config, process: Process) -> tuple[Path | None, Path | None]:
     """(the checkpoint to resume from, the one to take initial weights from), each None or a path; checked
     before anything is written. Rank 0 decides (nodes may have disks of their own); every rank follows."""
     if cfg.tensorboard:
         require_tensorboard()
     require_tracker(cfg)
-    resume_from = ctx.decide_on_main(lambda: resume_checkpoint_path(cfg))
+    resume_from = process.decided_by_main(lambda: resume_checkpoint_path(cfg))
     check_out_dir(cfg, resume_from)
     # Fine-tuning (init_from): a fresh run that starts from another run's weights; a resumed run ignores it.
-    init_from = ctx.decide_on_main(lambda: init_from_path(cfg)) if resume_from is None else None
+    init_from = process.decided_by_main(lambda: init_from_path(cfg)) if resume_from is None else None
     return resume_from, init_from
 
 
@@ -115,13 +115,13 @@ def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path) -> Non
         log.info("resume: %d config change(s) against %s", len(changes), path)
 
 
-def open_run_folder(state: TrainState, ctx: Dist, resumed: bool) -> MetricsLog:
+def open_run_folder(state: TrainState, process: Process, resumed: bool) -> MetricsLog:
     """Rank 0 writes the run's folder (config.yaml; a fresh metrics.jsonl, or the resumed one cut at the
     checkpoint's step) and starts the tracker (continuing the checkpoint's tracker run)."""
     cfg, out_dir = state.cfg, Path(state.cfg.out_dir)
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl", enabled=ctx.is_main)
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", enabled=process.is_main)
     error = None
-    if ctx.is_main:
+    if process.is_main:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             if not resumed:
@@ -144,25 +144,25 @@ def open_run_folder(state: TrainState, ctx: Dist, resumed: bool) -> MetricsLog:
             except TrackerError as e:
                 error = e
     # The other ranks only read what rank 0 wrote; they stop with it when its tracker could not start.
-    if ctx.agree_max(error is not None):
+    if process.agree_max(error is not None):
         raise error or TrainingError("rank 0 could not open out_dir or start the tracker; its message says why")
-    check_shared(out_dir, ctx)
+    check_shared(out_dir, process)
     return metrics_log
 
 
-def check_shared(out_dir: Path, ctx: Dist) -> None:
+def check_shared(out_dir: Path, process: Process) -> None:
     """Under torchrun, that every rank sees the out_dir rank 0 writes to, or every rank stops, saying so: rank 0
     alone writes last.pt, the stop marker and the commit of a sharded checkpoint, for every node."""
-    if not ctx.enabled:
+    if not process.has_peers:
         return
-    token = ctx.decide_on_main(lambda: secrets.token_hex(8))
+    token = process.decided_by_main(lambda: secrets.token_hex(8))
     check = out_dir / f".shared_check-{token}"  # a new name: no node has it cached as missing
-    if ctx.is_main:
+    if process.is_main:
         check.write_text(token)
-    ctx.barrier()
-    seen = ctx.is_main or _reads(check, token)
-    unseen_somewhere = ctx.agree_max(not seen)  # once every rank has looked
-    if ctx.is_main:
+    process.barrier()
+    seen = process.is_main or _reads(check, token)
+    unseen_somewhere = process.agree_max(not seen)  # once every rank has looked
+    if process.is_main:
         check.unlink()
     if unseen_somewhere and not seen:
         raise ConfigError(
@@ -187,22 +187,28 @@ def _reads(path: Path, text: str, seconds: float = 5.0) -> bool:
         time.sleep(0.1)
 
 
-def announce_stop(state: TrainState, ctx: Dist, stop_reason: int) -> None:
+def announce_stop(state: TrainState, process: Process, stop_reason: int) -> None:
     """Say why the run ends before max_steps; after a signal or the time limit, also leave the marker a
     requeue script reads."""
     cfg = state.cfg
     if not stop_reason:
-        log.warning("early stop at step %d: %d evaluations without a better %s (patience=%d)",
-                    state.step, state.evals_since_best, cfg.monitor, cfg.patience)  # fmt: skip
+        log.warning(
+            "early stop at step %d: %d evaluations without a better %s (patience=%d)",
+            state.step,
+            state.evals_since_best,
+            cfg.monitor,
+            cfg.patience,
+        )
         return
     if stop_reason == TIME_LIMIT:
         why = f"time limit (max_time_minutes={cfg.max_time_minutes:g})"
     else:
         why = f"signal {stop_reason}"
-    if ctx.is_main:
+    if process.is_main:
         (Path(cfg.out_dir) / STOPPED_MARKER).write_text(f"{why} at step {state.step}\n")
-    log.warning("stopped by %s at step %d; %s saved, resume with resume=auto", why, state.step,
-                latest_checkpoint(cfg).name)  # fmt: skip
+    log.warning(
+        "stopped by %s at step %d; %s saved, resume with resume=auto", why, state.step, latest_checkpoint(cfg).name
+    )
 
 
 def finish(state: TrainState, seconds: float, train_seconds: float, samples: int, stop_reason: int) -> dict[str, Any]:

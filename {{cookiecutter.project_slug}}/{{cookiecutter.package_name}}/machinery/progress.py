@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .config import Config, differences, to_dict
+from ..essentials.config import Config, differences, to_dict
 from .speed import Speed
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,11 @@ def describe_run(cfg: Config, device: Any, precision: str, parameters: int, worl
     log.info("model:      %s parameters", f"{parameters:,}")
     log.info(
         "batch:      %d samples per optimizer step = %d x %d accum x %d process(es)",
-        cfg.batch_size * cfg.accum_steps * world_size, cfg.batch_size, cfg.accum_steps, world_size,
-    )  # fmt: skip
+        cfg.batch_size * cfg.accum_steps * world_size,
+        cfg.batch_size,
+        cfg.accum_steps,
+        world_size,
+    )
 
 
 MIN_BAR_COLUMNS = 40  # narrower (a terminal that reports 0 columns, say) gets plain lines
@@ -68,9 +71,15 @@ class Progress:
         self.show_bar = is_main and cfg.progress and terminal_columns() >= MIN_BAR_COLUMNS
         # The loss shown is the mean over the last log_every steps: smoothed, and read at no extra cost.
         self.bar = tqdm(
-            total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout,
-            disable=not self.show_bar, mininterval=0, smoothing=0.1,
-        )  # fmt: skip
+            total=cfg.max_steps,
+            initial=step,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+            disable=not self.show_bar,
+            mininterval=0,
+            smoothing=0.1,
+        )
         self.started = self.last_time = time.perf_counter()
         self.last_step, self.last_excluded = step, 0.0
         self.samples_per_second = self.steps_per_second = 0.0
@@ -105,9 +114,18 @@ class Progress:
             left = (self.total - step) / self.steps_per_second if self.steps_per_second else 0.0
             log.info(
                 "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %s samples/s  %s tokens/s%s%s  elapsed %s  left ~%s",
-                step, self.total, loss, record["lr"], grad_norm, f"{self.samples_per_second:,.0f}",
-                f"{record['tokens_per_s']:,.0f}", memory, mfu, clock(now - self.started), clock(left),
-            )  # fmt: skip
+                step,
+                self.total,
+                loss,
+                record["lr"],
+                grad_norm,
+                f"{self.samples_per_second:,.0f}",
+                f"{record['tokens_per_s']:,.0f}",
+                memory,
+                mfu,
+                clock(now - self.started),
+                clock(left),
+            )
 
     def close(self, step: int, excluded: float) -> tuple[float, int]:
         """``step``: where the run ended (a signal may stop it between log steps): the bar shows it. Returns the
@@ -125,8 +143,10 @@ def summarize(summary: dict[str, Any], out_dir: Path) -> None:
     best = summary["best_metric"]
     log.info(
         "done: %d steps in %.1fs (%s samples/s while training)",
-        summary["step"], summary["seconds"], f"{summary['samples_per_second']:,.0f}",
-    )  # fmt: skip
+        summary["step"],
+        summary["seconds"],
+        f"{summary['samples_per_second']:,.0f}",
+    )
     if best is not None:
         log.info("best %s: %.4f at step %d", summary["monitor"], best, summary["best_step"])
     files = [out_dir / name for name in ("best.pt", "last.pt", "metrics.jsonl") if (out_dir / name).exists()]

@@ -1,4 +1,5 @@
-"""The optimizer: AdamW or SGD with momentum, its parameter groups, and torch's fused kernels."""
+"""The optimizer: AdamW or SGD with momentum, its parameter groups, torch's fused kernels, and the step that
+skips non-finite gradients on the device."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
         {"params": params, "lr": cfg.lr * factor, "weight_decay": cfg.weight_decay if decay else 0.0}
         for (factor, decay), params in groups.items()
     ]
-    # The fused kernels are the fastest, and they can skip a step on the device (train.optimizer_step), so no
+    # The fused kernels are the fastest, and they can skip a step on the device (optimizer_step), so no
     # step needs a host sync. torch has them for CUDA, MPS and the CPU.
     fused = device.type in ("cuda", "mps", "cpu") or None
     if cfg.optimizer == "sgd":
@@ -39,3 +40,18 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
         fused = None if cfg.parallel == "fsdp" else fused
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()``, unless ``skip`` (a float32 0/1 tensor) is 1: decided on the device where possible."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        # Fused optimizers take GradScaler's found_inf flag and skip on the device; the
+        # gradients are already unscaled (grad_scale None). GradScaler.step(optimizer) does
+        # the same for fp16 only: this works for every precision.
+        optimizer.grad_scale, optimizer.found_inf = None, skip
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not skip.item():  # any other optimizer: one host read per step, as GradScaler.step makes for it
+        optimizer.step()

@@ -36,18 +36,35 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import default_collate
 
-from .config import Config, ConfigError
-from .distributed import Dist
-from .seed import rng_state, seed_everything, seed_worker, set_rng_state
+from ..essentials.config import Config, ConfigError
+from ..essentials.seed import rng_state, seed_everything, seed_worker, set_rng_state
+from .distributed import Process
 
 
 def init_worker(worker_id: int) -> None:
     # Schedulers (SLURM, Kubernetes) and Ctrl-C signal every process of the job. Only the
-    # main process acts on them (it saves last.pt, then shuts the workers down); a worker
-    # dying of the signal first would crash the run before it could save.
+    # main process acts on them (it saves last.pt, then ends the workers: workers_ended); a
+    # worker dying of the signal first would crash the run before it could save.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed_worker(worker_id)
+
+
+@contextlib.contextmanager
+def workers_ended(*batches: BatchStream | StreamBatches | DataLoader) -> Iterator[None]:
+    """End the DataLoader workers of ``batches`` on the way out, whichever way, an error's included.
+
+    Left to themselves they would outlive an error: its traceback keeps their iterator (and so them)
+    alive until the interpreter exits, when multiprocessing ends its children with SIGTERM, which
+    they ignore (``init_worker``), and then waits for them forever."""
+    try:
+        yield
+    finally:
+        for loader in batches:
+            loader = getattr(loader, "loader", loader)  # the DataLoader of a BatchStream or StreamBatches
+            iterator = loader._iterator  # persistent_workers: the DataLoader keeps its iterator, and its workers
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()  # as the iterator's __del__ does: each worker is told to stop, joined
 
 
 class ResumableSampler(DistributedSampler):
@@ -251,10 +268,10 @@ class SeededStream(IterableDataset):
 
 class StreamBatches:
     """The endless stream of training batches of an iterable training set, with every worker's position in it:
-    this process's (``ctx``), and in ``state_dict`` every process's, gathered on rank 0."""
+    this process's (``process``), and in ``state_dict`` every process's, gathered on rank 0."""
 
-    def __init__(self, loader: DataLoader, ctx: Dist):
-        self.loader, self.ctx, self.rank, self.world_size = loader, ctx, ctx.rank, ctx.world_size
+    def __init__(self, loader: DataLoader, process: Process):
+        self.loader, self.process, self.rank, self.world_size = loader, process, process.rank, process.world_size
         self.stream: SeededStream = loader.dataset
         self.workers = max(1, loader.num_workers)
         self.positions: list[dict[str, Any]] = []  # the position after the last batch trained on, per worker
@@ -282,12 +299,14 @@ class StreamBatches:
 
     def state_dict(self) -> dict[str, Any]:
         """Every process's worker positions (on rank 0; every rank calls it)."""
-        return {"stream": self.ctx.gather_on_main(self.positions)}
+        return {"stream": self.process.gather_on_main(self.positions)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "stream" not in state:
-            raise ConfigError("resume: the checkpoint was saved with a map-style training set, and build_datasets "
-                              "now returns an iterable one; start afresh (init_from= keeps the weights)")  # fmt: skip
+            raise ConfigError(
+                "resume: the checkpoint was saved with a map-style training set, and build_datasets "
+                "now returns an iterable one; start afresh (init_from= keeps the weights)"
+            )
         processes = state["stream"]
         if len(processes) != self.world_size or len(processes[self.rank]) != self.workers:
             raise ConfigError(
@@ -300,12 +319,12 @@ class StreamBatches:
 
 
 def build_loaders(
-    cfg: Config, train_set: Dataset, val_set: Dataset, ctx: Dist
+    cfg: Config, train_set: Dataset, val_set: Dataset, process: Process
 ) -> tuple[BatchStream | StreamBatches, DataLoader]:
-    """The training batches (endless, resumable) and the validation loader of this process (``ctx``)."""
+    """The training batches (endless, resumable) and the validation loader of this process (``process``)."""
     common = dict(
         num_workers=cfg.num_workers,
-        pin_memory=ctx.device.type == "cuda",
+        pin_memory=process.device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
         worker_init_fn=init_worker if cfg.num_workers > 0 else None,
     )
@@ -313,23 +332,23 @@ def build_loaders(
     if isinstance(val_set, IterableDataset):  # it reads its own part (stream_part), in the same order each time
         val_set = FirstSamples(val_set, limit) if limit else val_set
         val_sampler = None
-    elif len(val_set) < ctx.world_size:
+    elif len(val_set) < process.world_size:
         raise ConfigError(
-            f"the validation set has {len(val_set)} sample(s), fewer than the {ctx.world_size} process(es) "
+            f"the validation set has {len(val_set)} sample(s), fewer than the {process.world_size} process(es) "
             "that each evaluate a part of it"
         )
     else:
-        val_sampler = ShardSampler(len(val_set), ctx.rank, ctx.world_size, limit)
+        val_sampler = ShardSampler(len(val_set), process.rank, process.world_size, limit)
     # Its own generator too: a DataLoader without one draws worker seeds from the global
     # RNG, so evaluating would shift the dropout stream of training.
     val_loader = DataLoader(
         val_set, batch_size=cfg.batch_size, sampler=val_sampler, generator=torch.Generator(), **common
     )
     if isinstance(train_set, IterableDataset):  # batched by SeededStream itself (batch_size=None)
-        stream = SeededStream(train_set, cfg.batch_size, cfg.seed, ctx.rank)
+        stream = SeededStream(train_set, cfg.batch_size, cfg.seed, process.rank)
         loader = DataLoader(stream, batch_size=None, generator=torch.Generator(), **common)
-        return StreamBatches(loader, ctx), val_loader
-    sampler = ResumableSampler(train_set, seed=cfg.seed, num_replicas=ctx.world_size, rank=ctx.rank)
+        return StreamBatches(loader, process), val_loader
+    sampler = ResumableSampler(train_set, seed=cfg.seed, num_replicas=process.world_size, rank=process.rank)
     if len(sampler) // cfg.batch_size < 1:
         raise ConfigError(
             f"the training set has {len(train_set)} samples ({len(sampler)} per process), "
@@ -338,8 +357,8 @@ def build_loaders(
     train_loader = DataLoader(
         WorkerSeeded(train_set),
         # Whole batches only: every rank takes the same number of batches per epoch, and a position is a batch count.
-        batch_sampler=SeededBatches(sampler, cfg.batch_size, cfg.seed, ctx.rank),
+        batch_sampler=SeededBatches(sampler, cfg.batch_size, cfg.seed, process.rank),
         generator=torch.Generator(),
         **common,
     )
-    return BatchStream(train_loader, sampler, cfg.batch_size, cfg.seed, ctx.rank), val_loader
+    return BatchStream(train_loader, sampler, cfg.batch_size, cfg.seed, process.rank), val_loader

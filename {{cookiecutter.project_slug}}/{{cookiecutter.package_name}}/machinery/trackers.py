@@ -13,7 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, flatten, to_dict
+from ..essentials.config import Config, ConfigError, flatten, to_dict
 
 
 class TrackerError(RuntimeError):
@@ -33,8 +33,13 @@ class WandbRun:
 
         # resume="allow": the run of that id continues (W&B keeps the steps it already has; metrics.jsonl
         # drops those past the checkpoint and logs them again).
-        self.run = wandb.init(project=cfg.tracker_project, dir=str(folder), config=to_dict(cfg),
-                              id=run_id or None, resume="allow" if run_id else None)  # fmt: skip
+        self.run = wandb.init(
+            project=cfg.tracker_project,
+            dir=str(folder),
+            config=to_dict(cfg),
+            id=run_id or None,
+            resume="allow" if run_id else None,
+        )
         self.run_id = self.run.id
 
     def log(self, values: dict[str, float], step: int) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..essentials.config import ConfigError
 from .files import atomic_write
 
 
@@ -41,8 +41,11 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        scalars = {f"{group}/{key.removeprefix(group + '_')}": value for key, value in record.items()
-                   if key != "step" and isinstance(value, (int, float))}  # fmt: skip
+        scalars = {
+            f"{group}/{key.removeprefix(group + '_')}": value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float))
+        }
         if self.tensorboard is not None:
             for tag, value in scalars.items():
                 self.tensorboard.add_scalar(tag, value, record["step"])

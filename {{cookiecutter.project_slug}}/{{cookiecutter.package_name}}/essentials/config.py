@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .task import TaskConfig, check_task_config
+from ..task import TaskConfig, check_task_config
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LR_SCHEDULES = ("warmup_cosine", "onecycle", "step")
@@ -80,7 +80,7 @@ class Config:
     eval_every: int = 200
     max_eval_batches: int = 0  # evaluate on at most this many batches per process, the same ones each time; 0: all
     log_every: int = 50
-    peak_flops: float = 0.0  # your device's peak FLOP/s in the precision trained in (README), for mfu; 0: no mfu
+    peak_flops: float = 0.0  # your device's peak FLOP/s in the precision trained in (docs/gpus.md), for mfu; 0: no mfu
     ckpt_every: int = 200
     monitor: str = "val_loss"  # the metric that decides best.pt, in the direction METRIC_GOALS (task.py) gives
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
@@ -219,12 +219,11 @@ def debug_run(cfg: Config) -> Config:
     save at the end, written to out_dir + "-debug" (replaced each time): every code path of the run in seconds,
     your data, model and settings included, before a long run."""
     steps = min(cfg.max_steps, DEBUG_STEPS)
-    return dataclasses.replace(
-        cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, steps), decay_steps=0, log_every=1,
-        eval_every=steps, ckpt_every=steps, patience=0, resume="", overwrite=True,
-        max_eval_batches=min(cfg.max_eval_batches or DEBUG_EVAL_BATCHES, DEBUG_EVAL_BATCHES),
-        out_dir=f"{cfg.out_dir.rstrip('/')}-debug",
-    )  # fmt: skip
+    every = {"log_every": 1, "eval_every": steps, "ckpt_every": steps, "patience": 0}
+    start = {"resume": "", "overwrite": True, "out_dir": f"{cfg.out_dir.rstrip('/')}-debug"}
+    eval_batches = min(cfg.max_eval_batches or DEBUG_EVAL_BATCHES, DEBUG_EVAL_BATCHES)
+    steps_and_schedule = {"max_steps": steps, "warmup_steps": min(cfg.warmup_steps, steps), "decay_steps": 0}
+    return dataclasses.replace(cfg, **steps_and_schedule, **every, **start, max_eval_batches=eval_batches)
 
 
 def config_from_dict(values: dict[str, Any], source: str = "the checkpoint") -> Config:

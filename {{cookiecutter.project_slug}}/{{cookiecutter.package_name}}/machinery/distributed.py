@@ -13,7 +13,7 @@ gloo) and the model is wrapped in DistributedDataParallel, or sharded with FSDP2
 """The device and the processes, through Hugging Face Accelerate, under ``accelerate launch`` or torchrun.
 
 ``setup`` makes the ``Accelerator`` (it picks each process's device, joins the
-processes and holds the mixed-precision settings); ``Dist`` is this process's
+processes and holds the mixed-precision settings); ``Process`` is this process's
 place among them, with the ranks' agreement (stop requests, what to resume
 from) over the process group Accelerate joined.
 """
@@ -45,19 +45,23 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from accelerate import Accelerator, DistributedType
 {%- endif %}
 
-from .config import Config, ConfigError
+from ..essentials.config import Config, ConfigError
 {%- if cookiecutter.loop == "plain" %}
-from .precision import Precision, resolve_device
+from ..essentials.precision import Precision, resolve_device
 {%- else %}
-from .precision import resolve_device, resolve_precision
+from ..essentials.precision import resolve_device, resolve_precision
+{%- endif %}
+from .signals import StopRequest
+{%- if cookiecutter.loop == "accelerate" %}
 
 log = logging.getLogger(__name__)
 {%- endif %}
 
 
 @dataclass
-class Dist:
-    """This process: its rank among the processes, and its device."""
+class Process:
+    """This process among the run's processes: its rank, their number (``world_size``), its device, and how the
+    processes agree (stop requests, what to resume from) without waiting on the GPU."""
 
     rank: int = 0
     local_rank: int = 0
@@ -71,7 +75,7 @@ class Dist:
 {%- endif %}
 
     @property
-    def enabled(self) -> bool:
+    def has_peers(self) -> bool:
         return self.world_size > 1
 
     @property
@@ -84,7 +88,7 @@ class Dist:
 
     def agree_max_each(self, values: list[int]) -> list[int]:
         """The largest of each of ``values`` over all ranks, in one host-side collective (identity when alone)."""
-        if not self.enabled:
+        if not self.has_peers:
             return [int(value) for value in values]
         flags = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
@@ -94,18 +98,18 @@ class Dist:
 
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over all ranks, on their device: no host sync (identity when alone)."""
-        if self.enabled:
+        if self.has_peers:
             dist.all_reduce(values)
         return values
 {%- endif %}
 
     def barrier(self) -> None:
-        if self.enabled:
+        if self.has_peers:
             dist.barrier(group=self.control)
 
-    def decide_on_main(self, decide: Callable[[], Any]) -> Any:
+    def decided_by_main(self, decide: Callable[[], Any]) -> Any:
         """``decide()`` on rank 0, and its result (or the ConfigError it raised) on every rank."""
-        if not self.enabled:
+        if not self.has_peers:
             return decide()
         outcome: list[Any] = [None]
         if self.is_main:
@@ -121,7 +125,7 @@ class Dist:
 
     def gather_on_main(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj``, in rank order, on rank 0; None on the others."""
-        if not self.enabled:
+        if not self.has_peers:
             return [obj]
         objects: list[Any] | None = [None] * self.world_size if self.is_main else None
         dist.gather_object(obj, objects, dst=0, group=self.control)
@@ -133,16 +137,16 @@ class AgreedNextStep:
     ``exchange(value)`` starts an all-reduce of this step's value on the host-side group and returns the
     one started a step earlier (0 at first), which has had a whole step to arrive. Identity when alone."""
 
-    def __init__(self, ctx: Dist) -> None:
-        self.ctx = ctx
+    def __init__(self, process: Process) -> None:
+        self.process = process
         self.in_flight: tuple[torch.Tensor, Any] | None = None
 
     def exchange(self, value: int) -> int:
-        if not self.ctx.enabled:
+        if not self.process.has_peers:
             return value
         agreed = self.settle()
         flag = torch.tensor([value], dtype=torch.int64)
-        self.in_flight = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.control, async_op=True))
+        self.in_flight = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process.control, async_op=True))
         return agreed
 
     def settle(self) -> int:
@@ -154,21 +158,43 @@ class AgreedNextStep:
         return int(flag.item())
 
 
+def evaluation_agreement(process: Process, stop: StopRequest | None = None) -> Callable[[bool, int], str]:
+    """For ``evaluate``, asked before each batch with whether this process has one (and the batch's index): "stop"
+    when a stop request (``stop``) abandons the evaluation, "end" when no process has a batch left, "empty" when a
+    process had none from the start (a part of an iterable validation set may be), else "go". Under torchrun every
+    rank gets the same answer, from one host-side all-reduce a batch."""
+
+    def agreement(has_batch: bool, index: int) -> str:
+        reason = stop.reason() if stop is not None else 0
+        reason, anyone, someone_without = process.agree_max_each([reason, has_batch, not has_batch])
+        if reason:
+            return "stop"
+        if not anyone:
+            return "end"
+        return "empty" if index == 0 and someone_without else "go"
+
+    return agreement
+
+
 {%- if cookiecutter.loop == "plain" %}
 
 
 def parallelize(
-    model: nn.Module, strategy: str, ctx: Dist, precision: Precision, units: Callable[[nn.Module], list[nn.Module]]
+    model: nn.Module,
+    strategy: str,
+    process: Process,
+    precision: Precision,
+    units: Callable[[nn.Module], list[nn.Module]],
 ) -> nn.Module:
     """``model`` (in CPU memory) on this process's device. Under torchrun: DDP (each rank holds the whole
     model, gradients are all-reduced) or FSDP2 (each rank holds 1/world_size of every parameter, gradient and
     optimizer moment; the submodules ``units(model)`` returns are gathered one at a time). Build the
     optimizer after this: FSDP replaces the parameters with their shards."""
-    if not ctx.enabled:
-        return model.to(ctx.device)
+    if not process.has_peers:
+        return model.to(process.device)
     if strategy == "ddp":
-        device_ids = [ctx.device] if ctx.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model.to(ctx.device), device_ids=device_ids)
+        device_ids = [process.device] if process.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model.to(process.device), device_ids=device_ids)
     # bf16/fp16: parameters gathered and computed in that dtype, gradients reduced in fp32.
     low = precision.dtype if precision.name != "fp32" else None
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
@@ -204,14 +230,14 @@ def no_gradient_sync(model: nn.Module, fsdp_accumulate: str) -> Iterator[None]:
         yield
 
 
-def setup(cfg: Config) -> Dist:
+def setup(cfg: Config) -> Process:
     """Join the process group when launched by torchrun with several processes; pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         device = resolve_device(cfg.device)
         if device.type == "cuda":  # the current GPU is where pinned memory, the bf16 check and new tensors go
             torch.cuda.set_device(device)
-        return Dist(device=device)
+        return Process(device=device)
     local_rank = int(os.environ["LOCAL_RANK"])
     if cfg.device.startswith("cuda:"):
         raise ConfigError(
@@ -236,7 +262,7 @@ def setup(cfg: Config) -> Dist:
 {%- else %}
 
 
-def setup(cfg: Config) -> Dist:
+def setup(cfg: Config) -> Process:
     """The Accelerator for this config: its device, its processes (accelerate launch or torchrun), its precision."""
     if cfg.parallel != "ddp":
         raise ConfigError("parallel=fsdp is not in this project's Accelerate loop, which runs DDP: use parallel=ddp")
@@ -271,9 +297,9 @@ def setup(cfg: Config) -> Dist:
             f"Accelerate is configured for {accelerator.distributed_type.value}; this loop runs one process or "
             "DDP: run `accelerate config` again without FSDP or DeepSpeed"
         )
-    ctx = joined(cfg.dist_timeout_minutes, accelerator.device)  # the group Accelerate joined, for the agreement
-    ctx.accelerator = accelerator
-    return ctx
+    process = joined(cfg.dist_timeout_minutes, accelerator.device)  # the group Accelerate joined, for the agreement
+    process.accelerator = accelerator
+    return process
 {%- endif %}
 
 
@@ -289,25 +315,25 @@ def join_group(device: torch.device, timeout_minutes: float) -> None:
                             device_id=device if device.index is not None else None)  # fmt: skip
 
 
-def joined(timeout_minutes: float, device: torch.device) -> Dist:
+def joined(timeout_minutes: float, device: torch.device) -> Process:
     """This process's place in the process group (started by ``setup``, or by a library), plus a gloo group
     for host-side agreement when the group's backend is not gloo (NCCL)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return Dist(device=device)
+        return Process(device=device)
     timeout = timedelta(minutes=timeout_minutes)
     control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
-    return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size(), device, control)
+    return Process(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size(), device, control)
 
 
-def cleanup(ctx: Dist, wait_for_others: bool = True) -> None:
-    if ctx.enabled and dist.is_initialized():
+def cleanup(process: Process, wait_for_others: bool = True) -> None:
+    if process.has_peers and dist.is_initialized():
         if wait_for_others:  # leave together: gloo can abort at exit when a peer is already gone
-            dist.barrier(group=ctx.control)
+            dist.barrier(group=process.control)
         # torch's state-dict helpers leave the model in a reference cycle; collected here, its DDP reducer
         # lets go of the group now, not while the interpreter shuts down (where gloo can abort the process).
         gc.collect()
 {%- if cookiecutter.loop == "plain" %}
         dist.destroy_process_group()
 {%- else %}
-        ctx.accelerator.end_training()  # Accelerate's end: its trackers (none here), then the process group
+        process.accelerator.end_training()  # Accelerate's end: its trackers (none here), then the process group
 {%- endif %}

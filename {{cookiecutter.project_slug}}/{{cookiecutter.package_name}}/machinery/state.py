@@ -28,9 +28,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .config import Config, to_dict
+from ..essentials.config import Config, to_dict
+from ..essentials.schedule import Schedule
 from .loader import BatchStream
-from .schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,10 @@ class StepLog:
             self.skipped_total += skipped
             if not (skipped or bad):
                 self.clean_steps, self.loss_total, self.grad_norm_total = (
-                    self.clean_steps + 1, self.loss_total + loss, self.grad_norm_total + grad_norm
-                )  # fmt: skip
+                    self.clean_steps + 1,
+                    self.loss_total + loss,
+                    self.grad_norm_total + grad_norm,
+                )
             self.bad_streak = self.bad_streak + 1 if bad else 0
             bad_steps += [step] if bad else []
             if self.bad_streak >= max_bad_steps:
@@ -168,8 +170,13 @@ class TrainState:
         run's own (the run folder reports how it differs from the saved one)."""
         optimizer = {**saved["optimizer"], "param_groups": keep_flags(saved["optimizer"], self.optimizer)}
         # full_state_dict: whole tensors are cut into this process's shards (FSDP); shards (DTensors) go as they are.
-        set_state_dict(self.model, self.optimizer, model_state_dict=saved["model"], optim_state_dict=optimizer,
-                       options=StateDictOptions(full_state_dict=True))  # fmt: skip
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=saved["model"],
+            optim_state_dict=optimizer,
+            options=StateDictOptions(full_state_dict=True),
+        )
         self.scheduler.load_state_dict(saved["scheduler"])
         if saved["scaler"]:  # empty when saved without fp16: the new GradScaler starts fresh
             self.scaler.load_state_dict(saved["scaler"])

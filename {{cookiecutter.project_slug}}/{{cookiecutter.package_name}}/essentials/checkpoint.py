@@ -6,11 +6,11 @@ atomic (files.py): a crash at any moment leaves either the old file or the new
 one, never half of one. Checkpoints hold tensors, numbers, strings, lists and
 dicts only, so ``torch.load(path, weights_only=True)`` reads them.
 
-``save_training(path, state, ctx)`` writes ``state.state_dict()`` (state.py:
+``save_training(path, state, process)`` writes ``state.state_dict()`` (state.py:
 everything a run needs to continue exactly) with every process's RNG streams;
-``read_on_every_rank(path, ctx)`` reads one (before the run builds anything,
+``read_on_every_rank(path, process)`` reads one (before the run builds anything,
 so that a checkpoint it cannot use stops every process at once), and
-``restore_training(path, saved, state, ctx)`` puts it back.
+``restore_training(path, saved, state, process)`` puts it back.
 
 With ``parallel=fsdp`` the run's latest state is a sharded checkpoint instead,
 the folder ``out_dir/last``: each process writes its own shards of the model
@@ -32,7 +32,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -40,11 +40,13 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+from ..machinery.files import atomic_write, remove
 from .config import ConfigError
-from .distributed import Dist
-from .files import atomic_write, remove
 from .seed import rng_state, seed_everything, set_rng_state
-from .state import TrainState
+
+if TYPE_CHECKING:  # the machinery imports the essentials' config, seed and precision: names only, for types
+    from ..machinery.distributed import Process
+    from ..machinery.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def read_on_every_rank(path: Path | None, ctx: Dist) -> dict[str, Any] | None:
+def read_on_every_rank(path: Path | None, process: Process) -> dict[str, Any] | None:
     """The checkpoint every rank starts from (rank 0 chose it), read on each rank; all fail if one cannot read it.
     None for no path."""
     saved, error = None, None
@@ -120,8 +122,8 @@ def read_on_every_rank(path: Path | None, ctx: Dist) -> dict[str, Any] | None:
         saved = load_checkpoint(path) if path is not None else None
     except CheckpointError as e:
         shared = "; rank 0 resumes from it, so every node needs the same out_dir (a shared filesystem)"
-        error = CheckpointError(f"{e}{shared if ctx.enabled and not ctx.is_main else ''}")
-    if ctx.agree_max(error is not None):
+        error = CheckpointError(f"{e}{shared if process.has_peers and not process.is_main else ''}")
+    if process.agree_max(error is not None):
         raise error or CheckpointError(f"another process could not read {path}; its message says why")
     return saved
 
@@ -154,32 +156,32 @@ def load_weights(model: nn.Module, saved: dict[str, Any], path: str | Path) -> N
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))  # as TrainState loads
 
 
-def save_training(path: Path, state: TrainState, ctx: Dist, with_optimizer: bool = True) -> None:
+def save_training(path: Path, state: TrainState, process: Process, with_optimizer: bool = True) -> None:
     """Write ``state`` and every rank's RNG streams to ``path``: one file (``*.pt``), written by rank 0, or a
     folder of shards, written by every rank (parallel=fsdp's ``last``; see the top of this file). Every rank
     calls it; if one cannot save, all raise CheckpointError and the previous checkpoint is left as it was."""
     sharded = path.suffix != ".pt"
     state_now = state.state_dict(whole=not sharded, with_optimizer=with_optimizer)
-    saved = {"format": FORMAT, **state_now, "rng": ctx.gather_on_main(rng_state())}  # rank 0 writes them
+    saved = {"format": FORMAT, **state_now, "rng": process.gather_on_main(rng_state())}  # rank 0 writes them
     error = None
-    if ctx.is_main or sharded:
+    if process.is_main or sharded:
         try:
-            save_sharded(path, saved, ctx) if sharded else save_checkpoint(saved, path)
+            save_sharded(path, saved, process) if sharded else save_checkpoint(saved, path)
         except CheckpointError as e:
             error = e
-    if ctx.agree_max(error is not None):  # every rank stops when one could not save
+    if process.agree_max(error is not None):  # every rank stops when one could not save
         raise error or CheckpointError(f"another process could not save {path}; its message says why")
-    if ctx.is_main and path.stem == "last":  # one latest state: the other kind (parallel changed) goes
+    if process.is_main and path.stem == "last":  # one latest state: the other kind (parallel changed) goes
         remove(path.with_name("last.pt" if sharded else "last"))
 
 
-def save_best(path: Path, state: TrainState, ctx: Dist) -> None:
+def save_best(path: Path, state: TrainState, process: Process) -> None:
     """best.pt, for evaluation and init_from. Under FSDP without the optimizer's state: rank 0 would gather it
     whole (8 bytes a parameter with AdamW) only to leave it unread. Every rank calls it."""
-    save_training(path, state, ctx, with_optimizer=not (ctx.enabled and state.cfg.parallel == "fsdp"))
+    save_training(path, state, process, with_optimizer=not (process.has_peers and state.cfg.parallel == "fsdp"))
 
 
-def restore_training(path: Path, saved: dict[str, Any], state: TrainState, ctx: Dist) -> None:
+def restore_training(path: Path, saved: dict[str, Any], state: TrainState, process: Process) -> None:
     """Put the checkpoint read from ``path`` (``read_on_every_rank``: a file or a sharded folder) back into
     ``state``, and this rank's RNG streams. Every rank calls it."""
     if "optimizer" not in saved:
@@ -200,36 +202,47 @@ def restore_training(path: Path, saved: dict[str, Any], state: TrainState, ctx: 
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from None
     rng = saved["rng"]
-    if len(rng) == ctx.world_size:
-        set_rng_state(rng[ctx.rank])
+    if len(rng) == process.world_size:
+        set_rng_state(rng[process.rank])
     else:  # another world size: fresh streams, still a function of the seed; and maybe another global batch
         then = saved["config"]["batch_size"] * saved["config"]["accum_steps"] * len(rng)
-        now = state.cfg.batch_size * state.cfg.accum_steps * ctx.world_size
+        now = state.cfg.batch_size * state.cfg.accum_steps * process.world_size
         keep = "" if now == then else " (batch_size or accum_steps keep it)"
-        log.warning("resume: saved by %d process(es), now %d; random streams restart; %d samples per optimizer "
-                    "step then, %d now%s", len(rng), ctx.world_size, then, now, keep)  # fmt: skip
-        seed_everything(state.cfg.seed + ctx.rank + 1_000_003 * state.step)
+        log.warning(
+            "resume: saved by %d process(es), now %d; random streams restart; %d samples per optimizer "
+            "step then, %d now%s",
+            len(rng),
+            process.world_size,
+            then,
+            now,
+            keep,
+        )
+        seed_everything(state.cfg.seed + process.rank + 1_000_003 * state.step)
     if state.step >= state.cfg.max_steps:
-        log.warning("resume: %s is at step %d, and max_steps is %d: nothing to train (raise max_steps to go on)",
-                    path, state.step, state.cfg.max_steps)  # fmt: skip
+        log.warning(
+            "resume: %s is at step %d, and max_steps is %d: nothing to train (raise max_steps to go on)",
+            path,
+            state.step,
+            state.cfg.max_steps,
+        )
 
 
-def save_sharded(folder: Path, saved: dict[str, Any], ctx: Dist) -> None:
+def save_sharded(folder: Path, saved: dict[str, Any], process: Process) -> None:
     """Every rank writes its shards into ``folder/step-N``, rank 0 adds the rest, then commits it (``latest``)."""
     step_folder = folder / f"step-{saved['step']:08d}"
-    if ctx.is_main:  # what a crash left uncommitted at this step, before a resume
+    if process.is_main:  # what a crash left uncommitted at this step, before a resume
         shutil.rmtree(step_folder, ignore_errors=True)
-    ctx.barrier()
+    process.barrier()
     error = None
     try:
         with _one_process_is_intended():
             shards = {"model": saved["model"], "optimizer": saved["optimizer"]}
-            dcp.save(shards, checkpoint_id=step_folder, no_dist=not ctx.enabled)
+            dcp.save(shards, checkpoint_id=step_folder, no_dist=not process.has_peers)
     except (OSError, RuntimeError, CheckpointException) as e:
         error = CheckpointError(f"could not save {step_folder}: {_first_line(e)}; {folder / LATEST} names the good one")
-    if ctx.agree_max(error is not None):  # every rank's shards are written, or every rank stops
+    if process.agree_max(error is not None):  # every rank's shards are written, or every rank stops
         raise error or CheckpointError(f"another process could not save its shards into {step_folder}")
-    if ctx.is_main:
+    if process.is_main:
         save_checkpoint({**saved, "model": {}, "optimizer": {}}, step_folder / "train_state.pt")
         atomic_write(folder / LATEST, lambda tmp: Path(tmp).write_text(step_folder.name + "\n"))  # the commit
         for old in folder.glob("step-*"):
@@ -261,7 +274,10 @@ def load_shards(step_folder: str | Path, wanted: dict[str, Any]) -> None:
     try:
         alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         with _one_process_is_intended():
-            dcp.load({key: wanted[key] for key in ("model", "optimizer") if key in wanted},
-                     checkpoint_id=step_folder, no_dist=alone)  # fmt: skip
+            dcp.load(
+                {key: wanted[key] for key in ("model", "optimizer") if key in wanted},
+                checkpoint_id=step_folder,
+                no_dist=alone,
+            )
     except (OSError, RuntimeError, ValueError, CheckpointException) as e:
         raise CheckpointError(f"checkpoint {step_folder} does not fit this model: {str(e).splitlines()[0]}") from None
