@@ -674,3 +674,46 @@ def test_repeated_non_finite_steps_stop_training_and_keep_the_checkpoints(make_c
     assert max(step for _, step in saved) == 12
     assert checkpoint(cfg.out_dir)["step"] == 12
     assert checkpoint(cfg.out_dir, "best.pt")["step"] <= 12
+
+
+# One run per folder: rank 0 holds an OS lock on out_dir while the run lives.
+def test_a_second_start_in_a_busy_out_dir_is_refused_and_the_first_run_finishes_untouched(make_config, capsys):
+    run = ["max_steps=400", "log_every=10", "eval_every=100", "ckpt_every=100"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    out_dir = Path(reference.out_dir).parent / "busy"
+    process = start_training(out_dir, *run)
+    for line in process.stdout:  # the lock is taken before set-up: held by now
+        if line.startswith("step 10/"):
+            break
+    for second in (["resume=auto"], ["overwrite=true"]):
+        assert main(cli(out_dir, *run, *second)) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: out_dir {out_dir} is in use by another run (pid {process.pid} on "), error
+        assert error.endswith(": wait for it to end, stop it, or use another out_dir\n") and error.count("\n") == 1
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert run_records(out_dir) == run_records(reference.out_dir)
+    assert_same_weights(checkpoint(out_dir)["model"], checkpoint(reference.out_dir)["model"])
+
+
+def test_after_a_kill_9_the_out_dir_is_free_again(make_config):
+    out_dir = Path(make_config().out_dir).parent / "killed"
+    process = start_training(out_dir, "max_steps=400", "log_every=10")
+    for line in process.stdout:
+        if line.startswith("step 10/"):
+            process.kill()
+            break
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    assert train(make_config("max_steps=20", "overwrite=true", name="killed"))["step"] == 20
+
+
+def test_srun_tasks_without_torchrun_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(cli(tmp_path / "run")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: srun started 8 tasks of this command without torchrun") and error.count("\n") == 1
+    assert "srun --ntasks-per-node=1 torchrun --nproc_per_node=GPUS -m" in error
+    assert not (tmp_path / "run").exists()

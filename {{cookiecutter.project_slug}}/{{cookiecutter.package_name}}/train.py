@@ -212,7 +212,7 @@ def train(cfg: Config) -> dict[str, Any]:
     """Train as ``cfg`` says; return a summary. Raises ConfigError, CheckpointError or TrainingError."""
     process = distributed.setup(cfg)
     try:  # stop requests (SIGTERM, Ctrl-C, the time limit) from here: one during set-up stops after the first step
-        with StopRequest(cfg.max_time_minutes) as stop:
+        with run_folder.one_run_per_folder(cfg, process), StopRequest(cfg.max_time_minutes) as stop:
             summary = run(cfg, process, stop)
     except BaseException:
         distributed.cleanup(process, wait_for_others=False)

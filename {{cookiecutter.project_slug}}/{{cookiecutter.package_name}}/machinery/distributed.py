@@ -232,6 +232,7 @@ def no_gradient_sync(model: nn.Module, fsdp_accumulate: str) -> Iterator[None]:
 
 def setup(cfg: Config) -> Process:
     """Join the process group when launched by torchrun with several processes; pick this process's device."""
+    refuse_tasks_without_torchrun()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         device = resolve_device(cfg.device)
@@ -264,6 +265,7 @@ def setup(cfg: Config) -> Process:
 
 def setup(cfg: Config) -> Process:
     """The Accelerator for this config: its device, its processes (accelerate launch or torchrun), its precision."""
+    refuse_tasks_without_torchrun()
     if cfg.parallel != "ddp":
         raise ConfigError("parallel=fsdp is not in this project's Accelerate loop, which runs DDP: use parallel=ddp")
     # An accelerate config with FSDP or DeepSpeed would say otherwise; on a CPU, Accelerate would even run DDP
@@ -301,6 +303,18 @@ def setup(cfg: Config) -> Process:
     process.accelerator = accelerator
     return process
 {%- endif %}
+
+
+def refuse_tasks_without_torchrun() -> None:
+    """``srun --ntasks=8 python -m ...train`` starts 8 runs that know nothing of each other (only torchrun sets
+    WORLD_SIZE and RANK), each training alone into the same out_dir: refused, with the way that works."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)  # set by srun in each task of a job step
+    if tasks > 1 and "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            f"srun started {tasks} tasks of this command without torchrun, so each would train alone into the same "
+            "out_dir: run one task per node that starts torchrun, srun --ntasks-per-node=1 torchrun "
+            "--nproc_per_node=GPUS -m {{ cookiecutter.package_name }}.train ... (docs/resume.md)"
+        )
 
 
 def join_group(device: torch.device, timeout_minutes: float) -> None:

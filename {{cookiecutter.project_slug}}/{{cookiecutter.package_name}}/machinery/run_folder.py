@@ -11,12 +11,18 @@ where everything is.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import logging
+import os
 import secrets
 import shutil
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..essentials.config import Config, ConfigError, differences, dump_yaml, to_dict
 from ..essentials.schedule import decay_horizon
@@ -41,6 +47,42 @@ SAFE_ON_RESUME = {
     *("eval_every", "log_every", "ckpt_every", "out_dir", "num_workers", "num_threads", "device"),
     *("max_bad_steps", "dist_timeout_minutes", "progress", "tensorboard", "compile", "tf32", "max_time_minutes"),
 }
+
+
+@contextlib.contextmanager
+def one_run_per_folder(cfg: Config, process: Process) -> Iterator[None]:
+    """Rank 0 holds an OS lock on ``out_dir/.lock`` while the run lives, so that a second start there (another
+    ``resume=auto``, an ``overwrite=true``) is refused at once on every rank, naming what holds it. The kernel
+    releases the lock when the process ends, a ``kill -9`` included: it cannot go stale."""
+    held: list[IO[str]] = []
+    process.decided_by_main(lambda: held.extend(take_lock(Path(cfg.out_dir))))
+    try:
+        yield
+    finally:
+        for file in held:
+            file.close()  # closing it releases the lock
+
+
+def take_lock(out_dir: Path) -> list[IO[str]]:
+    """The open, locked lock file of ``out_dir`` ([] where out_dir cannot be written: the run says so later)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        file = open(out_dir / ".lock", "a+")  # held open for the run's life: closing it releases the lock
+    except OSError:
+        return []
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        message = f"out_dir {out_dir} is in use by another run ({holder})"
+        raise ConfigError(f"{message}: wait for it to end, stop it, or use another out_dir") from None
+    file.truncate(0)
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+    file.flush()
+    return [file]
 
 
 def latest_checkpoint(cfg: Config) -> Path:
