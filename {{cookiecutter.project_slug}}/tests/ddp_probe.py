@@ -17,6 +17,10 @@ PROBE_KILL_AT=RANK:STEP kills that rank (SIGKILL) in that optimizer step, in tor
 PROBE_NODE_DISKS=FOLDER runs rank R in FOLDER/nodeR, where a relative OUT_DIR is a folder of its own;
 PROBE_EXTRA_TOTAL_ON=RANK makes that rank's metric_totals return one name more than the others'.
 PROBE_GRADIENT_BYTES=1 measures the gradient bytes held in step 2's last micro-batch, after its forward.
+PROBE_RANK_DRAWS=1 makes each rank draw rank + 1 numbers from torch's, NumPy's and Python's global streams
+while its datasets are built (as a data.py that shuffles its shard list may). PROBE_ACCELERATOR=TYPE makes
+torch name TYPE as this machine's accelerator (torch._C._get_accelerator), as a GPU machine would.
+The report holds the rank's peak resident memory (VmHWM) too, read from /proc as the rank ends.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 import stand_in  # tests/, this script's folder
 import torch
 import torch.distributed as dist
-from faults import SignalOnCall
+from faults import SignalOnCall, drawing_first
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 {%- if cookiecutter.loop == "plain" %}
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_param_group
@@ -77,6 +81,12 @@ def gradient_bytes() -> int:
             grad = obj.grad.to_local() if isinstance(obj.grad, DTensor) else obj.grad
             storages[grad.untyped_storage().data_ptr()] = grad.untyped_storage().nbytes()
     return sum(storages.values())
+
+
+def peak_resident_kib() -> int:
+    """This process's peak resident memory so far (VmHWM), in KiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
 
 
 def main() -> int:
@@ -159,6 +169,11 @@ def main() -> int:
 
         train_module.build_datasets = failing_datasets
 
+    if os.environ.get("PROBE_RANK_DRAWS"):
+        train_module.build_datasets = drawing_first(train_module.build_datasets, rank + 1)
+    if os.environ.get("PROBE_ACCELERATOR"):
+        accelerator = torch.device(os.environ["PROBE_ACCELERATOR"])
+        torch._C._get_accelerator = lambda: accelerator
     if os.environ.get("PROBE_NO_CHECKPOINT_ON") == str(rank):
         run_folder.resume_checkpoint_path = lambda cfg: None
     if os.environ.get("PROBE_UNREADABLE_ON") == str(rank):
@@ -189,6 +204,7 @@ def main() -> int:
             "gradient_bytes_held": held[0] if held else None,
             "collectives_after_step": collectives,
             "stream_read": stand_in.SequenceStream.read,  # with STAND_IN_STREAM and no workers: what this rank read
+            "peak_resident_kib": peak_resident_kib(),
         })
     )  # fmt: skip
     return code

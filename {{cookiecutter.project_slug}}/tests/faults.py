@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import torch
 from torch.utils.data import Dataset, IterableDataset
 
 
@@ -65,3 +68,14 @@ class FailingReads(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         return self.get(index)
+
+
+def drawing_first(build_datasets: Callable[..., Any], draws: int) -> Callable[..., Any]:
+    """``build_datasets`` that first draws ``draws`` numbers from torch's, NumPy's and Python's global streams, as
+    a data.py that shuffles its shard list may (under torchrun, a number that depends on the rank)."""
+
+    def build(cfg: Any) -> Any:
+        torch.rand(draws), np.random.rand(draws), [random.random() for _ in range(draws)]
+        return build_datasets(cfg)
+
+    return build

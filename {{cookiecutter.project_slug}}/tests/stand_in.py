@@ -38,6 +38,8 @@ TRAIN_SIZE = 1024  # 32 batches of 32 per epoch
 VAL_SIZE = int(os.environ.get("STAND_IN_VAL_SIZE", "512"))
 DROPOUT = float(os.environ.get("STAND_IN_DROPOUT", "0.1"))
 WIDTH = int(os.environ.get("STAND_IN_WIDTH", "32"))
+TRUNK_MB = int(os.environ.get("STAND_IN_TRUNK_MB", "0"))  # a frozen trunk of TRUNK_UNITS tables, this many MiB in all
+TRUNK_UNITS = 16
 # The training set as a stream (an IterableDataset): "plain", without state_dict; "stateful", with it. "": map-style.
 STREAM = os.environ.get("STAND_IN_STREAM", "")
 VAL_STREAM = bool(os.environ.get("STAND_IN_VAL_STREAM"))  # the validation set as a stream too (SequenceParts)
@@ -160,9 +162,23 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     return train_set, SequenceParts(val_set) if VAL_STREAM else val_set
 
 
+class FrozenTable(nn.Module):
+    """A unit of a big model at almost no compute: a frozen table whose first row is added to the activations."""
+
+    def __init__(self, megabytes: float):
+        super().__init__()
+        rows = max(1, int(megabytes * 2**20 / (4 * WIDTH)))
+        self.table = nn.Parameter(torch.randn(rows, WIDTH) * 1e-3, requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.table[0]
+
+
 def build_model(cfg) -> nn.Module:
+    trunk = [FrozenTable(TRUNK_MB / TRUNK_UNITS) for _ in range(TRUNK_UNITS)] if TRUNK_MB else []
     return nn.Sequential(
         nn.Embedding(VOCAB, WIDTH),
+        *trunk,
         nn.Linear(WIDTH, WIDTH),
         nn.GELU(),
         nn.Dropout(DROPOUT),
@@ -172,7 +188,7 @@ def build_model(cfg) -> nn.Module:
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    return [layer for layer in model if any(True for _ in layer.parameters())]  # the embedding and the 2 linears
+    return [layer for layer in model if any(True for _ in layer.parameters())]  # the embedding, trunk and linears
 {%- endif %}
 
 

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 {% if cookiecutter.loop == "plain" -%}
+from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.essentials.checkpoint import CheckpointError, restore_training
 {% endif -%}
 from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
@@ -36,7 +37,8 @@ from {{ cookiecutter.package_name }}.train import train
 
 from . import stand_in
 {%- if cookiecutter.loop == "plain" %}
-from .conftest import ROOT, assert_same_weights, checkpoint, nan_loss_on, run_records, sharded_weights
+from .conftest import ROOT, assert_same_weights, checkpoint, nan_loss_on, run_records, sharded_weights, train_records
+from .faults import drawing_first
 {%- else %}
 from .conftest import ROOT, assert_same_weights, checkpoint, nan_loss_on, run_records
 {%- endif %}
@@ -353,6 +355,50 @@ def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_pa
     assert alone[best["config"]["monitor"]] == pytest.approx(best["best_metric"], rel=1e-6)
     shards_alone = evaluate_checkpoint(tmp_path / "fsdp" / "last")  # both ranks' shards, read by one process
     assert shards_alone["val_loss"] == pytest.approx(fsdp[-1]["val_loss"], rel=1e-6)
+
+
+def test_fsdp_starts_from_rank_0s_weights_whatever_each_rank_drew(make_config, no_dropout, tmp_path, monkeypatch):
+    # Each rank draws rank + 1 numbers from the global streams while its datasets are built, before the model is.
+    common = ["precision=fp32", "max_steps=1", "warmup_steps=0", "log_every=1", "eval_every=100", "ckpt_every=100"]
+    env = {"PROBE_RANK_DRAWS": "1", "STAND_IN_DROPOUT": "0"}
+    process = torchrun(tmp_path / "fsdp", *common, "parallel=fsdp", env=env)
+    output, _ = process.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(tmp_path / "fsdp", output=output)] == [0, 0], output
+    monkeypatch.setattr(train_module, "build_datasets", drawing_first(train_module.build_datasets, 1))  # as rank 0
+    alone = make_config(*common, "batch_size=64", name="alone")
+    train(alone)
+    fsdp_loss, alone_loss = (train_records(out_dir)[0]["loss"] for out_dir in (tmp_path / "fsdp", alone.out_dir))
+    assert fsdp_loss == pytest.approx(alone_loss, rel=1e-6)
+
+
+def test_fsdp_on_the_cpu_stays_there_on_a_machine_whose_accelerator_is_a_gpu(tmp_path):
+    # fully_shard without a mesh would build one on torch._C._get_accelerator(), here "cuda": on a GPU machine a
+    # device=cpu run would move each unit to the GPU while its batches and gloo stay on the CPU.
+    run = ["parallel=fsdp", "max_steps=2", "warmup_steps=0", "eval_every=2", "ckpt_every=2"]
+    process = torchrun(tmp_path / "fsdp", *run, env={"PROBE_ACCELERATOR": "cuda"})
+    output, _ = process.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(tmp_path / "fsdp", output=output)] == [0, 0], output
+
+
+MODEL_MIB = 256  # a frozen trunk of 16 units: big in memory, almost no compute
+
+
+def test_under_fsdp_no_rank_but_0_ever_holds_the_whole_model(tmp_path):
+    # Each rank's peak resident memory with the trunk, over the same run's without it. glibc's threshold set low,
+    # so that blocks torch frees go back to the system and the peak is what torch held (not glibc's cache).
+    run = ["parallel=fsdp", "max_steps=2", "warmup_steps=0", "batch_size=4", "log_every=1", "eval_every=2"]
+    run += ["ckpt_every=2", "max_eval_batches=1", "dist_timeout_minutes=2"]
+    peaks = {}
+    for megabytes in (0, MODEL_MIB):
+        env = {"STAND_IN_TRUNK_MB": str(megabytes), "MALLOC_MMAP_THRESHOLD_": "131072"}
+        process = torchrun(tmp_path / str(megabytes), *run, env=env)
+        output, _ = process.communicate(timeout=300)
+        reports = probes(tmp_path / str(megabytes), output=output)
+        assert [r["exit_code"] for r in reports] == [0, 0], output
+        peaks[megabytes] = [r["peak_resident_kib"] / 1024 for r in reports]
+    added = [big - tiny for tiny, big in zip(peaks[0], peaks[MODEL_MIB], strict=True)]
+    print(f"peak resident MiB added by a {MODEL_MIB} MiB model: rank 0 {added[0]:.0f}, rank 1 {added[1]:.0f}")
+    assert added[1] < 0.85 * MODEL_MIB, added  # its half of the shards, one unit gathered, one tensor broadcast
 
 
 def test_sgd_trains_under_fsdp_as_one_process_does(make_config, no_dropout, tmp_path):

@@ -2,6 +2,15 @@
 
 ``build_model(cfg)`` returns an ``nn.Module`` mapping a batch of inputs to
 logits. Anything works as long as the loss in ``task.py`` accepts its output.
+{%- if cookiecutter.loop == "plain" %}
+
+With parallel=fsdp, only rank 0 builds the model for real; the other ranks build
+it on the meta device (no memory), then receive rank 0's weights and buffers. So
+``build_model`` creates its parameters and buffers without naming a device and
+never reads their values back (no ``.item()``, no file it loads weights from:
+start from a checkpoint with ``init_from=`` instead); buffers it computes, such as
+a rotary table, may be ordinary or ``persistent=False``: rank 0's are copied.
+{%- endif %}
 """
 
 from __future__ import annotations

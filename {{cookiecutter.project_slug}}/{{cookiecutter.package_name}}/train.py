@@ -179,9 +179,9 @@ def set_up(
     saved = read_on_every_rank(resume_from or init_from, process)  # before anything is built: it may not be readable
     train_set, val_set = build_datasets(cfg)
 {%- if cookiecutter.loop == "plain" %}
-    # Built in CPU memory; then on the device, under torchrun in DDP, or sharded (parallel=fsdp, by fsdp_units
-    # in model.py: each unit goes to the device as its shard, so no GPU holds the whole model); then the optimizer.
-    model = distributed.parallelize(build_model(cfg), cfg.parallel, process, precision, fsdp_units)
+    # Built in CPU memory, then on the device; under torchrun in DDP, or sharded (parallel=fsdp: rank 0 builds it,
+    # the others only their shards; by fsdp_units in model.py, so that no GPU holds the whole model); the optimizer.
+    model = distributed.parallelize(build_model, cfg, process, precision, fsdp_units)
     optimizer = build_optimizer(model, cfg, process.device)
     # A GradScaler for fp16 (agreeing on overflows across FSDP's shards); for bf16 and fp32 one that does nothing.
     scaler = precision.make_scaler(sharded=process.has_peers and cfg.parallel == "fsdp")

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 {%- if cookiecutter.loop == "plain" %}
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 {%- else %}
 from accelerate import Accelerator, DistributedType
@@ -180,29 +182,57 @@ def evaluation_agreement(process: Process, stop: StopRequest | None = None) -> C
 
 
 def parallelize(
-    model: nn.Module,
-    strategy: str,
+    build_model: Callable[[Config], nn.Module],
+    cfg: Config,
     process: Process,
     precision: Precision,
     units: Callable[[nn.Module], list[nn.Module]],
 ) -> nn.Module:
-    """``model`` (in CPU memory) on this process's device. Under torchrun: DDP (each rank holds the whole
-    model, gradients are all-reduced) or FSDP2 (each rank holds 1/world_size of every parameter, gradient and
-    optimizer moment; the submodules ``units(model)`` returns are gathered one at a time). Build the
-    optimizer after this: FSDP replaces the parameters with their shards."""
+    """The model (``build_model(cfg)``) on this process's device. Under torchrun, ``cfg.parallel``: DDP (each rank
+    builds the whole model; DDP broadcasts rank 0's weights) or FSDP2 (``shard``). Build the optimizer after
+    this: FSDP replaces the parameters with their shards."""
     if not process.has_peers:
-        return model.to(process.device)
-    if strategy == "ddp":
+        return build_model(cfg).to(process.device)
+    if cfg.parallel == "ddp":
         device_ids = [process.device] if process.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model.to(process.device), device_ids=device_ids)
-    # bf16/fp16: parameters gathered and computed in that dtype, gradients reduced in fp32.
-    low = precision.dtype if precision.name != "fp32" else None
+        return nn.parallel.DistributedDataParallel(build_model(cfg).to(process.device), device_ids=device_ids)
+    return shard(build_model, cfg, process, precision, units)
+
+
+def shard(
+    build_model: Callable[[Config], nn.Module],
+    cfg: Config,
+    process: Process,
+    precision: Precision,
+    units: Callable[[nn.Module], list[nn.Module]],
+) -> nn.Module:
+    """FSDP2: each rank holds 1/world_size of every parameter, gradient and optimizer moment; the submodules
+    ``units(model)`` returns are gathered one at a time. No rank but 0 ever holds the whole model.
+
+    Rank 0 builds the model in CPU memory (its weights are a one-process run's with the same seed, whatever the
+    other ranks drew from their random streams before); the others build it on the meta device, which takes no
+    memory. Each rank shards it on a mesh of the run's device (not torch's default accelerator: a device=cpu run
+    on a GPU machine stays on the CPU), a unit at a time; the others then allocate their shards, and rank 0's
+    weights are broadcast into every rank's shards a tensor at a time, its buffers (a non-persistent RoPE table,
+    which no state dict holds) whole."""
+    low = precision.dtype if precision.name != "fp32" else None  # bf16/fp16: computed in it, reduced in fp32
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
-    # fully_shard moves a unit to the current device (set_device in setup) and shards it there at once: the
-    # device holds the shards so far plus one whole unit, never the whole model.
+    mesh = init_device_mesh(process.device.type, (process.world_size,))
+    with contextlib.nullcontext() if process.is_main else torch.device("meta"):
+        model = build_model(cfg)
+    whole = model.state_dict() if process.is_main else {}  # rank 0's weights, until they are broadcast
+    # fully_shard moves a unit to the mesh's device (on a GPU, the current one: set_device in setup) and shards
+    # it there at once: the device holds the shards so far plus one whole unit, never the whole model.
     for unit in units(model):
-        fully_shard(unit, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # and the parameters outside the units
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # and the parameters outside the units
+    if not process.is_main:
+        model.to_empty(device=process.device)  # this rank's shards and buffers, allocated, not yet set
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole, options=options)
+    del whole
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
     return model
 
 
