@@ -275,17 +275,17 @@ def test_a_name_that_starts_with_a_digit_gets_a_valid_package_name(tmp_path, use
     assert (path / "project_3d_vision" / "train.py").exists()
 
 
-def test_a_model_py_without_fsdp_units_still_trains(tmp_path, user_config):
-    # A model.py written for one GPU need not name FSDP's units: each child with parameters is one then.
+def test_a_model_py_without_blocks_still_trains(tmp_path, user_config):
+    # A model.py written for one GPU need not name its blocks: each child with parameters is one then.
     path = bake(tmp_path, user_config, run_smoke_test=False)
     model_py = path / "my_training_project" / "model.py"
     source = model_py.read_text()
-    without = re.sub(r"\ndef fsdp_units\(.*?\n(?=\n\ndef )", "\n", source, flags=re.DOTALL)
-    assert "fsdp_units" in source and "fsdp_units" not in without
+    without = re.sub(r"\ndef blocks\(.*?\n(?=\n\ndef )", "\n", source, flags=re.DOTALL)
+    assert "def blocks" in source and "def blocks" not in without
     model_py.write_text(without)
     result = subprocess.run(
         [sys.executable, "-m", "my_training_project.train", "--config", "configs/smoke.yaml", "max_steps=2",
-         "warmup_steps=0", "out_dir=runs/no-units"],
+         "warmup_steps=0", "activation_checkpointing=true", "out_dir=runs/no-blocks"],
         cwd=path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -36,7 +36,7 @@ from pathlib import Path
 import stand_in  # tests/, this script's folder
 import torch
 import torch.distributed as dist
-from faults import SignalOnCall, drawing_first
+from faults import SignalOnCall, drawing_first, peak_resident_kib
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 {%- if cookiecutter.loop == "plain" %}
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_param_group
@@ -81,12 +81,6 @@ def gradient_bytes() -> int:
             grad = obj.grad.to_local() if isinstance(obj.grad, DTensor) else obj.grad
             storages[grad.untyped_storage().data_ptr()] = grad.untyped_storage().nbytes()
     return sum(storages.values())
-
-
-def peak_resident_kib() -> int:
-    """This process's peak resident memory so far (VmHWM), in KiB."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-"""Faults to inject into a run: a signal to this process at the Nth call of a function; an error in the user's code."""
+"""Faults to inject into a run (a signal at the Nth call of a function, an error in the user's code), and what a
+run's process measures of itself."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import random
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,3 +81,9 @@ def drawing_first(build_datasets: Callable[..., Any], draws: int) -> Callable[..
         return build_datasets(cfg)
 
     return build
+
+
+def peak_resident_kib() -> int:
+    """This process's peak resident memory so far (VmHWM), in KiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))

@@ -2,7 +2,7 @@
 
 Every test file except test_your_task.py runs the loop on this task, put in
 place through the same seams you edit (TaskConfig, check_task_config,
-build_datasets, build_model,{% if cookiecutter.loop == "plain" %} fsdp_units,{% endif %} compute_loss, metric_totals,
+build_datasets, build_model, blocks, compute_loss, metric_totals,
 compute_metrics, METRIC_GOALS), with the loop settings in ``LOOP`` instead of
 your configs. So when you replace data.py, model.py, task.py and the configs,
 these tests still prove the loop: they never build or check your TaskConfig.
@@ -40,6 +40,7 @@ DROPOUT = float(os.environ.get("STAND_IN_DROPOUT", "0.1"))
 WIDTH = int(os.environ.get("STAND_IN_WIDTH", "32"))
 TRUNK_MB = int(os.environ.get("STAND_IN_TRUNK_MB", "0"))  # a frozen trunk of TRUNK_UNITS tables, this many MiB in all
 TRUNK_UNITS = 16
+DEPTH = int(os.environ.get("STAND_IN_DEPTH", "0"))  # residual MLP blocks between the embedding and the head
 # The training set as a stream (an IterableDataset): "plain", without state_dict; "stateful", with it. "": map-style.
 STREAM = os.environ.get("STAND_IN_STREAM", "")
 VAL_STREAM = bool(os.environ.get("STAND_IN_VAL_STREAM"))  # the validation set as a stream too (SequenceParts)
@@ -174,22 +175,32 @@ class FrozenTable(nn.Module):
         return hidden + self.table[0]
 
 
+class Block(nn.Module):
+    """A residual MLP block, whose activations (4 x WIDTH wide, dropout's mask) activation checkpointing drops."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.dropout = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH), nn.Dropout(DROPOUT)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.down(self.dropout(F.gelu(self.up(hidden))))
+
+
 def build_model(cfg) -> nn.Module:
     trunk = [FrozenTable(TRUNK_MB / TRUNK_UNITS) for _ in range(TRUNK_UNITS)] if TRUNK_MB else []
     return nn.Sequential(
         nn.Embedding(VOCAB, WIDTH),
         *trunk,
+        *(Block() for _ in range(DEPTH)),
         nn.Linear(WIDTH, WIDTH),
         nn.GELU(),
         nn.Dropout(DROPOUT),
         nn.Linear(WIDTH, VOCAB),
     )
-{%- if cookiecutter.loop == "plain" %}
 
 
-def fsdp_units(model: nn.Module) -> list[nn.Module]:
+def blocks(model: nn.Module) -> list[nn.Module]:
     return [layer for layer in model if any(True for _ in layer.parameters())]  # the embedding, trunk and linears
-{%- endif %}
 
 
 def compute_loss(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,9 +236,7 @@ def install(set_attribute=setattr) -> None:
         set_attribute(module, "build_datasets", build_datasets)
         set_attribute(module, "build_model", build_model)
     set_attribute(export_module, "build_model", build_model)
-{%- if cookiecutter.loop == "plain" %}
-    set_attribute(train_module, "fsdp_units", fsdp_units)
-{%- endif %}
+    set_attribute(train_module, "blocks", blocks)
     set_attribute(train_module, "compute_loss", compute_loss)
     set_attribute(validation_module, "METRIC_GOALS", METRIC_GOALS)
     set_attribute(plot_module, "METRIC_GOALS", METRIC_GOALS)

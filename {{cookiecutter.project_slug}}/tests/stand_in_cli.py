@@ -5,15 +5,17 @@ usage: python tests/stand_in_cli.py train [--augment] [--fail=WHERE:N] [key=valu
 Training takes the loop settings stand_in.LOOP, then the key=value arguments. --augment: the training
 set with random augmentation (augment.py). --fail: the user's code raises an error (faults.py) at its N-th
 call: WHERE is loss (compute_loss), metrics (metric_totals) or data (a training sample, in a worker if any).
+With STAND_IN_REPORT_PEAK set, the last line on stderr is the process's peak resident memory in KiB.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import stand_in  # tests/, this script's folder
 from augment import augmenting
-from faults import FailOnCall, failing_training_set
+from faults import FailOnCall, failing_training_set, peak_resident_kib
 
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import train as train_module
@@ -42,4 +44,7 @@ if __name__ == "__main__":
     if args[:1] == ["--augment"]:
         train_module.build_datasets = augmenting(train_module.build_datasets, stand_in.VOCAB)
         args = args[1:]
-    sys.exit(train_module.main([*stand_in.LOOP, *args]))
+    code = train_module.main([*stand_in.LOOP, *args])
+    if os.environ.get("STAND_IN_REPORT_PEAK"):
+        print(f"peak resident KiB: {peak_resident_kib()}", file=sys.stderr)
+    sys.exit(code)

@@ -380,6 +380,22 @@ def test_fsdp_on_the_cpu_stays_there_on_a_machine_whose_accelerator_is_a_gpu(tmp
     assert [p["exit_code"] for p in probes(tmp_path / "fsdp", output=output)] == [0, 0], output
 
 
+def test_activation_checkpointing_under_fsdp_trains_the_same_numbers_in_less_memory(tmp_path):
+    env = {"STAND_IN_DEPTH": "6", "STAND_IN_WIDTH": "128", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    run = ["parallel=fsdp", "batch_size=256", "max_steps=3", "warmup_steps=0", "log_every=1", "eval_every=3"]
+    peaks = {}
+    for on in ("false", "true"):
+        process = torchrun(tmp_path / on, *run, "ckpt_every=3", f"activation_checkpointing={on}", env=env)
+        output, _ = process.communicate(timeout=300)
+        reports = probes(tmp_path / on, output=output)
+        assert [r["exit_code"] for r in reports] == [0, 0], output
+        peaks[on] = [r["peak_resident_kib"] / 1024 for r in reports]
+    print(f"peak resident MiB of each rank: {peaks['false']} without activation checkpointing, {peaks['true']} with")
+    assert run_records(tmp_path / "true") == run_records(tmp_path / "false")
+    for rank in (0, 1):
+        assert peaks["true"][rank] < peaks["false"][rank] - 40, peaks  # about 80 MiB of activations per rank
+
+
 MODEL_MIB = 256  # a frozen trunk of 16 units: big in memory, almost no compute
 
 

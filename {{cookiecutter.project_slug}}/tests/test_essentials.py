@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
 from .conftest import (
+    ROOT,
     assert_same_weights,
     before_each_step,
     checkpoint,
@@ -31,6 +35,7 @@ from .conftest import (
     first_moments,
     nan_loss_on,
     record_saves,
+    run_records,
     train_records,
 )
 
@@ -436,3 +441,25 @@ def test_evaluation_restores_train_mode_and_leaves_weights_alone(make_config, mo
     monkeypatch.setattr(validation_module, "evaluate", spy)
     train(make_config("max_steps=4", "warmup_steps=0", "eval_every=2"))
     assert seen == [(True, True), (True, True)]
+
+
+# Activation checkpointing, on a stand-in with 6 residual MLP blocks (each holds 4 x 128-wide activations and a
+# dropout mask for its backward): glibc's threshold set low, so that each process's peak is what torch held.
+DEEP_MODEL = {"STAND_IN_DEPTH": "6", "STAND_IN_WIDTH": "128", "MALLOC_MMAP_THRESHOLD_": "131072"}
+DEEP_RUN = ["batch_size=256", "max_steps=3", "warmup_steps=0", "log_every=1", "eval_every=3", "ckpt_every=3"]
+SAVED_MIB = 40  # at least what activation checkpointing saves here (about 80 MiB of activations)
+
+
+def test_activation_checkpointing_trains_the_same_numbers_in_less_memory(tmp_path):
+    peaks = {}
+    for on in ("false", "true"):
+        command = [sys.executable, str(ROOT / "tests" / "stand_in_cli.py"), "train", f"out_dir={tmp_path / on}"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "STAND_IN_REPORT_PEAK": "1", **DEEP_MODEL}
+        run = [*command, *DEEP_RUN, "max_eval_batches=1", f"activation_checkpointing={on}"]
+        result = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        peaks[on] = int(result.stderr.strip().splitlines()[-1].split()[-1]) / 1024
+    print(f"peak resident MiB: {peaks['false']:.0f} without activation checkpointing, {peaks['true']:.0f} with it")
+    assert run_records(tmp_path / "true") == run_records(tmp_path / "false")  # dropout's draws repeated exactly
+    assert_same_weights(checkpoint(tmp_path / "true")["model"], checkpoint(tmp_path / "false")["model"])
+    assert peaks["true"] < peaks["false"] - SAVED_MIB

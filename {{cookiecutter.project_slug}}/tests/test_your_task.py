@@ -23,11 +23,7 @@ from {{ cookiecutter.package_name }}.essentials.validation import evaluate
 from {{ cookiecutter.package_name }}.machinery.metrics import read_metrics
 from {{ cookiecutter.package_name }}.model import build_model
 from {{ cookiecutter.package_name }}.task import METRIC_GOALS, compute_loss, compute_metrics, metric_totals
-{%- if cookiecutter.loop == "plain" %}
-from {{ cookiecutter.package_name }}.train import fsdp_units, train  # model.py's, or the default when it has none
-{%- else %}
-from {{ cookiecutter.package_name }}.train import train
-{%- endif %}
+from {{ cookiecutter.package_name }}.train import blocks, train  # model.py's, or the default when it has none
 
 from .conftest import ROOT
 
@@ -54,10 +50,8 @@ def test_one_batch_goes_forward_and_backward(smoke):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert any(g is not None for g in grads), "no parameter received a gradient"
     assert all(torch.isfinite(g).all() for g in grads if g is not None)
-{%- if cookiecutter.loop == "plain" %}
     own = [id(module) for module in model.modules()]
-    assert all(id(unit) in own for unit in fsdp_units(model)), "fsdp_units must return submodules of the model"
-{%- endif %}
+    assert all(id(block) in own for block in blocks(model)), "blocks must return submodules of the model"
 
 
 def test_the_loss_is_a_sum_and_a_count(smoke):

@@ -21,14 +21,14 @@ from torch import nn
 
 if TYPE_CHECKING:  # for the annotations only: model.py and task.py load alone, as the exported weights' users do
     from .essentials.config import Config
-{%- if cookiecutter.loop == "plain" %}
 
 
-def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """With parallel=fsdp, the parts sharded (and gathered for compute) one at a time: the more, the less memory
-    a process holds at once. Here each child that has parameters; for a transformer, return its blocks."""
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks: {% if cookiecutter.loop == "plain" %}with parallel=fsdp, the parts sharded (and gathered for compute) one at a
+    time, the more the less memory a process holds at once; {% endif %}with activation_checkpointing=true, the parts
+    whose activations are computed again in the backward. Here each child that has parameters; for a
+    transformer, return its blocks (layers)."""
     return [child for child in model.children() if any(True for _ in child.parameters())]
-{%- endif %}
 
 
 def build_model(cfg: Config) -> nn.Module:

@@ -24,22 +24,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
-{% if cookiecutter.loop == "plain" %}
+
 from . import model as your_model
-{%- endif %}
 from .data import build_datasets  # yours: data.py, model.py, task.py
 from .essentials import (  # the lesson: essentials/, each essential in the file named after it
     CheckpointError,
@@ -79,10 +81,8 @@ from .model import build_model
 from .task import compute_loss
 
 log = logging.getLogger(__name__)
-{%- if cookiecutter.loop == "plain" %}
-# parallel=fsdp's units: model.py's fsdp_units when it has one (a model for one GPU need not), else each child.
-fsdp_units = getattr(your_model, "fsdp_units", distributed.children_with_parameters)
-{%- endif %}
+# The model's blocks (FSDP's units, activation checkpointing's): model.py's blocks(), else each child with parameters.
+blocks = getattr(your_model, "blocks", distributed.children_with_parameters)
 
 
 def divide_gradients(params: list[nn.Parameter], divisor: torch.Tensor) -> None:
@@ -148,6 +148,19 @@ def train_step(state: TrainState, process: distributed.Process, precision: Preci
     state.step += 1
 
 
+def checkpointing_activations(build_model: Callable[[Config], nn.Module], blocks: Callable) -> Callable:
+    """``build_model``, whose blocks then keep only their inputs in the forward and compute their activations
+    again in the backward (torch.utils.checkpoint, non-reentrant; the same random draws both times)."""
+
+    def build(cfg: Config) -> nn.Module:
+        model = build_model(cfg)
+        for block in blocks(model):
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        return model
+
+    return build
+
+
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     """torch.compile where this platform can; otherwise say why and train uncompiled."""
     import torch._dynamo  # already loaded by torch.optim; named here for is_dynamo_supported
@@ -180,8 +193,9 @@ def set_up(
     train_set, val_set = build_datasets(cfg)
 {%- if cookiecutter.loop == "plain" %}
     # Built in CPU memory, then on the device; under torchrun in DDP, or sharded (parallel=fsdp: rank 0 builds it,
-    # the others only their shards; by fsdp_units in model.py, so that no GPU holds the whole model); the optimizer.
-    model = distributed.parallelize(build_model, cfg, process, precision, fsdp_units)
+    # the others only their shards; by blocks in model.py, so that no GPU holds the whole model); the optimizer.
+    build = checkpointing_activations(build_model, blocks) if cfg.activation_checkpointing else build_model
+    model = distributed.parallelize(build, cfg, process, precision, blocks)
     optimizer = build_optimizer(model, cfg, process.device)
     # A GradScaler for fp16 (agreeing on overflows across FSDP's shards); for bf16 and fp32 one that does nothing.
     scaler = precision.make_scaler(sharded=process.has_peers and cfg.parallel == "fsdp")
@@ -189,7 +203,8 @@ def set_up(
     # Accelerate: DDP under several processes, autocast around the forward, fp16's GradScaler in the step. Not
     # the schedule: a torch LR scheduler prepared by Accelerate steps num_processes times per optimizer step (it
     # counts batches per process); this one counts optimizer steps, on any number of processes.
-    model = build_model(cfg).to(process.device)
+    build = checkpointing_activations(build_model, blocks) if cfg.activation_checkpointing else build_model
+    model = build(cfg).to(process.device)
     model, optimizer = process.accelerator.prepare(model, build_optimizer(model, cfg, process.device))
     # Accelerate's GradScaler for fp16 on a GPU; otherwise one that does nothing (checkpoints hold its state).
     scaler = process.accelerator.scaler or torch.amp.GradScaler(process.device.type, enabled=False)

@@ -43,6 +43,9 @@ class Config:
     precision: str = "{{ cookiecutter.precision }}"  # auto, bf16, fp16, fp32
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
     compile: bool = False  # torch.compile the model (checkpoints keep the plain weights)
+    # Each of model.py's blocks keeps only its input in the forward and computes its activations again in the
+    # backward: less memory for about one more forward of compute; the same numbers.
+    activation_checkpointing: bool = False
     tf32: bool = True  # TF32 matmuls on GPUs that have them (Ampere+): fp32 speed x several, 10-bit mantissa
     resume: str = ""  # "" starts fresh, "auto" continues from out_dir/last.pt if present, or a path
     init_from: str = ""  # a fresh start from a checkpoint's weights only (new optimizer, schedule, step): fine-tuning

@@ -38,13 +38,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-{%- if cookiecutter.loop == "plain" %}
+{%- if cookiecutter.loop == "accelerate" %}
+from accelerate import Accelerator, DistributedType
+{%- endif %}
 from torch import nn
+{%- if cookiecutter.loop == "plain" %}
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-{%- else %}
-from accelerate import Accelerator, DistributedType
 {%- endif %}
 
 from ..essentials.config import Config, ConfigError
@@ -178,6 +179,9 @@ def evaluation_agreement(process: Process, stop: StopRequest | None = None) -> C
     return agreement
 
 
+def children_with_parameters(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks when model.py names none: each child of the model that holds parameters."""
+    return [child for child in model.children() if any(True for _ in child.parameters())]
 {%- if cookiecutter.loop == "plain" %}
 
 
@@ -234,11 +238,6 @@ def shard(
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
     return model
-
-
-def children_with_parameters(model: nn.Module) -> list[nn.Module]:
-    """FSDP's units when model.py names none: each child of the model that holds parameters."""
-    return [child for child in model.children() if any(True for _ in child.parameters())]
 
 
 @contextlib.contextmanager
