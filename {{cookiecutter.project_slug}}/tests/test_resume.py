@@ -610,7 +610,7 @@ def test_a_failed_save_during_training_stops_with_a_clear_error(make_config, mon
     assert code == 1
     assert "could not save" in capsys.readouterr().err
     assert checkpoint(cfg.out_dir)["step"] == 10  # the previous last.pt, intact
-    assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == [".lock", "config.yaml", "last.pt", "metrics.jsonl"]
 
 {%- if cookiecutter.loop == "plain" %}
 

@@ -54,12 +54,17 @@ def one_run_per_folder(cfg: Config, process: Process) -> Iterator[None]:
     """Rank 0 holds an OS lock on ``out_dir/.lock`` while the run lives, so that a second start there (another
     ``resume=auto``, an ``overwrite=true``) is refused at once on every rank, naming what holds it. The kernel
     releases the lock when the process ends, a ``kill -9`` included: it cannot go stale."""
-    held: list[IO[str]] = []
-    process.decided_by_main(lambda: held.extend(take_lock(Path(cfg.out_dir))))
+    out_dir, held = Path(cfg.out_dir), []
+    existed = out_dir.is_dir()
+    process.decided_by_main(lambda: held.extend(take_lock(out_dir)))
     try:
         yield
     finally:
         for file in held:
+            if [path.name for path in out_dir.iterdir()] == [".lock"]:  # a start refused before writing anything
+                (out_dir / ".lock").unlink()
+                if not existed:
+                    out_dir.rmdir()
             file.close()  # closing it releases the lock
 
 
