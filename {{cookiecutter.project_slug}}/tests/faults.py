@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,13 @@ def peak_resident_kib() -> int:
     """This process's peak resident memory so far (VmHWM), in KiB."""
     status = Path("/proc/self/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
+def slowed(function: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    """``function``, taking ``seconds`` longer each call, as a slow disk makes ``os.fsync`` (the GIL released)."""
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return function(*args, **kwargs)
+
+    return slow

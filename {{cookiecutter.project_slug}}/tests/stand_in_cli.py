@@ -5,7 +5,8 @@ usage: python tests/stand_in_cli.py train [--augment] [--fail=WHERE:N] [key=valu
 Training takes the loop settings stand_in.LOOP, then the key=value arguments. --augment: the training
 set with random augmentation (augment.py). --fail: the user's code raises an error (faults.py) at its N-th
 call: WHERE is loss (compute_loss), metrics (metric_totals) or data (a training sample, in a worker if any).
-With STAND_IN_REPORT_PEAK set, the last line on stderr is the process's peak resident memory in KiB.
+With STAND_IN_REPORT_PEAK set, the last line on stderr is the process's peak resident memory in KiB; with
+STAND_IN_SLOW_FSYNC=SECONDS, every fsync takes that much longer (a slow disk).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 import stand_in  # tests/, this script's folder
 from augment import augmenting
-from faults import FailOnCall, failing_training_set, peak_resident_kib
+from faults import FailOnCall, failing_training_set, peak_resident_kib, slowed
 
 from {{ cookiecutter.package_name }} import evaluate as evaluate_module
 from {{ cookiecutter.package_name }} import train as train_module
@@ -34,6 +35,8 @@ def inject_failure(where: str, call: int) -> None:
 
 if __name__ == "__main__":
     stand_in.install()
+    if os.environ.get("STAND_IN_SLOW_FSYNC"):
+        os.fsync = slowed(os.fsync, float(os.environ["STAND_IN_SLOW_FSYNC"]))
     command, args = sys.argv[1], sys.argv[2:]
     if args[:1] and args[0].startswith("--fail="):
         where, _, call = args[0].removeprefix("--fail=").partition(":")

@@ -44,7 +44,7 @@ from .conftest import (
 {%- endif %}
     train_records,
 )
-from .faults import SignalOnCall
+from .faults import SignalOnCall, slowed
 
 # 1024 samples / batch 32 = 32 micro-batches per epoch = 16 optimizer steps with accum_steps=2.
 RUN = ["max_steps=40", "accum_steps=2", "log_every=5", "eval_every=15", "ckpt_every=10"]
@@ -594,7 +594,8 @@ def test_replacing_a_checkpoint_leaves_no_file_open(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def test_a_failed_save_during_training_stops_with_a_clear_error(make_config, monkeypatch, capsys):
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_a_failed_save_during_training_stops_with_a_clear_error(make_config, monkeypatch, capsys, async_save):
     cfg = make_config("max_steps=30", "ckpt_every=10", "eval_every=100")
     real_replace = os.replace
     calls = {"n": 0}
@@ -606,11 +607,13 @@ def test_a_failed_save_during_training_stops_with_a_clear_error(make_config, mon
         real_replace(src, dst)
 
     monkeypatch.setattr(checkpoint_module.os, "replace", replace_fails_second_time)
-    code = main(cli(cfg.out_dir, "max_steps=30", "ckpt_every=10", "eval_every=100"))
+    code = main(cli(cfg.out_dir, "max_steps=30", "ckpt_every=10", "eval_every=100", f"async_save={async_save}"))
     assert code == 1
     assert "could not save" in capsys.readouterr().err
     assert checkpoint(cfg.out_dir)["step"] == 10  # the previous last.pt, intact
-    assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == [".lock", "config.yaml", "last.pt", "metrics.jsonl"]
+    # In the background, step 20's failed write is known at the next save (step 30's, after its evaluation).
+    files = [".lock", "config.yaml", "last.pt", "metrics.jsonl", *(["best.pt"] if async_save == "true" else [])]
+    assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == sorted(files)
 
 {%- if cookiecutter.loop == "plain" %}
 
@@ -717,3 +720,76 @@ def test_srun_tasks_without_torchrun_are_refused_in_one_line(tmp_path, capsys, m
     assert error.startswith("error: srun started 8 tasks of this command without torchrun") and error.count("\n") == 1
     assert "srun --ntasks-per-node=1 torchrun --nproc_per_node=GPUS -m" in error
     assert not (tmp_path / "run").exists()
+
+
+# last.pt in the background (async_save): on a slow disk (each fsync 0.25 s longer; a save makes two) the step
+# waits only for a copy.
+SLOW_FSYNC = 0.25
+
+
+def test_a_save_in_the_background_blocks_the_step_a_small_fraction_of_a_foreground_write(make_config, monkeypatch):
+    monkeypatch.setattr(os, "fsync", slowed(os.fsync, SLOW_FSYNC))
+    real_loss = train_module.compute_loss
+
+    def a_step_of_60_ms(output, target):  # time between saves for a write to end in (10 steps: 0.6 s)
+        time.sleep(0.06)
+        return real_loss(output, target)
+
+    monkeypatch.setattr(train_module, "compute_loss", a_step_of_60_ms)
+    blocked = {}
+    real_save = checkpoint_module.LastCheckpoint.save
+    for async_save in ("false", "true"):
+        seconds = blocked[async_save] = []
+
+        def timed(self, state, seconds=seconds):
+            started = time.perf_counter()
+            real_save(self, state)
+            seconds.append(time.perf_counter() - started)
+
+        monkeypatch.setattr(checkpoint_module.LastCheckpoint, "save", timed)
+        run = ["max_steps=30", "ckpt_every=10", "eval_every=100", f"async_save={async_save}"]
+        cfg = make_config(*run, name=async_save)
+        train(cfg)
+        assert checkpoint(cfg.out_dir)["step"] == 30
+    foreground, background = (sum(blocked[a][:2]) / 2 for a in ("false", "true"))  # steps 10 and 20
+    print(f"seconds blocked per save of last.pt: {foreground:.3f} in the foreground, {background:.3f} in the back")
+    assert foreground >= SLOW_FSYNC and background < 0.2 * foreground
+    assert_same_weights(checkpoint(Path(cfg.out_dir).parent / "false")["model"], checkpoint(cfg.out_dir)["model"])
+
+
+def test_kill_9_during_a_background_write_resumes_bit_exact_from_the_previous_last(make_config, monkeypatch):
+    run = ["max_steps=60", "log_every=20", "eval_every=100", "ckpt_every=20"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    out_dir = Path(reference.out_dir).parent / "killed"
+    monkeypatch.setenv("STAND_IN_SLOW_FSYNC", "1.5")
+    process = start_training(out_dir, *run)
+    for line in process.stdout:
+        if line.startswith("step 40/"):  # step 40's save waits for step 20's write, then starts its own
+            break
+    while not ((out_dir / "last.pt").exists() and list(out_dir.glob(".last.pt.*.tmp"))):
+        time.sleep(0.05)
+    time.sleep(0.2)  # step 40's write is in flight: its fsync alone takes 1.5 s
+    process.kill()
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    assert checkpoint(out_dir)["step"] == 20  # the previous last.pt, whole
+    train(make_config(*run, "resume=auto", name="killed"))
+    assert run_records(out_dir) == run_records(reference.out_dir)
+    assert_same_weights(checkpoint(out_dir)["model"], checkpoint(reference.out_dir)["model"])
+
+
+def test_sigterm_during_a_background_write_exits_143_once_the_write_is_committed(make_config, monkeypatch):
+    out_dir = Path(make_config().out_dir).parent / "stopped"
+    monkeypatch.setenv("STAND_IN_SLOW_FSYNC", "2")
+    process = start_training(out_dir, "max_steps=400", "log_every=20", "eval_every=1000", "ckpt_every=20")
+    for line in process.stdout:
+        if line.startswith("step 40/"):  # step 40's write takes over 2 s; the stop's own save waits for it
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            break
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    saved = checkpoint(out_dir)
+    assert 40 < saved["step"] < 400 and (out_dir / "stopped_by_signal").exists()
+    assert not list(out_dir.glob(".last.pt.*.tmp"))  # committed: no write was cut short

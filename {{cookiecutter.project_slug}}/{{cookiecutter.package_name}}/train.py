@@ -47,6 +47,7 @@ from .essentials import (  # the lesson: essentials/, each essential in the file
     CheckpointError,
     Config,
     ConfigError,
+    LastCheckpoint,
     Precision,
     allow_tf32,
     build_optimizer,
@@ -60,7 +61,6 @@ from .essentials import (  # the lesson: essentials/, each essential in the file
     resolve_precision,
     restore_training,
     save_best,
-    save_training,
     seed_everything,
     validate,
 )
@@ -245,12 +245,14 @@ def run(cfg: Config, process: distributed.Process, stop: StopRequest) -> dict[st
     resumed = f"resumed from {resumed_from} at step {state.step}" if resumed_from else ""
     describe_run(cfg, process.device, precision.name, sum(p.numel() for p in state.params), process.world_size, resumed)
     log.info("data:       %s", state.batches.describe())
-    best, latest = Path(cfg.out_dir) / "best.pt", run_folder.latest_checkpoint(cfg)
+    best = Path(cfg.out_dir) / "best.pt"
+    last = LastCheckpoint(run_folder.latest_checkpoint(cfg), process, cfg.async_save)  # the latest state
     evaluating_together = distributed.evaluation_agreement(process, stop)  # the processes stop, or go on, together
     stop_agreement = distributed.AgreedNextStep(process)
     start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
-    # DataLoader workers ignore SIGTERM (machinery/loader.py): they are ended here on every way out, an error's too.
-    with workers_ended(state.batches, val_loader):
+    # On every way out, an error's too: DataLoader workers are ended (they ignore SIGTERM: machinery/loader.py),
+    # and a write of last in the background is committed.
+    with workers_ended(state.batches, val_loader), last.committed_at_exit():
         if state.eval_due:  # the evaluation a stop request cut short, done first, as the uninterrupted run did
             if validate(state, val_loader, process, precision, metrics_log, distributed.evaluation_agreement(process)):
                 save_best(best, state, process)
@@ -291,7 +293,7 @@ def run(cfg: Config, process: distributed.Process, stop: StopRequest) -> dict[st
                 # Early stopping: patience evaluations in a row without a new best (the same verdict on every rank).
                 out_of_patience = do_eval and cfg.patience > 0 and state.evals_since_best >= cfg.patience
                 if stop_reason or out_of_patience or (do_ckpt and state.step_log.bad_streak == 0):
-                    save_training(latest, state, process)
+                    last.save(state)  # in the background (async_save): the step waits only for a copy
                 outside_seconds += time.perf_counter() - paused
                 if stop_reason or out_of_patience:
                     run_folder.announce_stop(state, process, stop_reason)

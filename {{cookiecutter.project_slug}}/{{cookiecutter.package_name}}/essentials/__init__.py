@@ -11,7 +11,14 @@ and the optimizer (optimizer.py): its parameter groups, and a step that skips no
 The loop (train.py) takes what it uses from here; read each file for the how and the why.
 """
 
-from .checkpoint import CheckpointError, load_weights, read_on_every_rank, restore_training, save_best, save_training
+from .checkpoint import (
+    CheckpointError,
+    LastCheckpoint,
+    load_weights,
+    read_on_every_rank,
+    restore_training,
+    save_best,
+)
 from .clipping import clip_gradients
 from .config import Config, ConfigError, load_config
 from .optimizer import build_optimizer, optimizer_step
@@ -24,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "Config",
     "ConfigError",
+    "LastCheckpoint",
     "Precision",
     "allow_tf32",
     "build_optimizer",
@@ -37,7 +45,6 @@ __all__ = [
     "resolve_precision",
     "restore_training",
     "save_best",
-    "save_training",
     "seed_everything",
     "validate",
 ]

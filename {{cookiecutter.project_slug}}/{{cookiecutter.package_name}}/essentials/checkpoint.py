@@ -28,6 +28,7 @@ import logging
 import os
 import pickle
 import shutil
+import threading
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -161,18 +162,109 @@ def save_training(path: Path, state: TrainState, process: Process, with_optimize
     folder of shards, written by every rank (parallel=fsdp's ``last``; see the top of this file). Every rank
     calls it; if one cannot save, all raise CheckpointError and the previous checkpoint is left as it was."""
     sharded = path.suffix != ".pt"
-    state_now = state.state_dict(whole=not sharded, with_optimizer=with_optimizer)
-    saved = {"format": FORMAT, **state_now, "rng": process.gather_on_main(rng_state())}  # rank 0 writes them
+    saved = training_checkpoint(state, process, sharded, with_optimizer)
     error = None
     if process.is_main or sharded:
         try:
             save_sharded(path, saved, process) if sharded else save_checkpoint(saved, path)
         except CheckpointError as e:
             error = e
-    if process.agree_max(error is not None):  # every rank stops when one could not save
+    agree_on_save(path, error, process)
+
+
+def training_checkpoint(state: TrainState, process: Process, sharded: bool, with_optimizer: bool) -> dict[str, Any]:
+    """What a checkpoint of ``state`` holds, every rank's RNG streams included (rank 0 writes them)."""
+    state_now = state.state_dict(whole=not sharded, with_optimizer=with_optimizer)
+    return {"format": FORMAT, **state_now, "rng": process.gather_on_main(rng_state())}
+
+
+def agree_on_save(path: Path, error: CheckpointError | None, process: Process) -> None:
+    """Every rank raises when one could not save ``path``; after a save of last, the other kind of last goes."""
+    if process.agree_max(error is not None):
         raise error or CheckpointError(f"another process could not save {path}; its message says why")
     if process.is_main and path.stem == "last":  # one latest state: the other kind (parallel changed) goes
-        remove(path.with_name("last.pt" if sharded else "last"))
+        remove(path.with_name("last" if path.suffix == ".pt" else "last.pt"))
+
+
+class LastCheckpoint:
+    """The run's latest state, ``last``, saved every ``ckpt_every`` steps and when the run stops.
+
+    With ``async_save`` (the default), ``last.pt`` is written in the background: the step waits only while the
+    state is copied to host memory (pinned, from a GPU), then a thread writes, fsyncs and renames it into place
+    while training goes on. One write at most is in flight: the next save, and the end of the run whichever way
+    it ends (a stop request, an error), wait for it first. A crash during a write leaves the previous ``last.pt``
+    whole (the rename is the commit). parallel=fsdp's sharded ``last`` is written in the foreground."""
+
+    def __init__(self, path: Path, process: Process, in_background: bool):
+        self.path, self.process = path, process
+        self.in_background = in_background and path.suffix == ".pt"
+        self.writing: threading.Thread | None = None
+        self.error: CheckpointError | None = None
+
+    def save(self, state: TrainState) -> None:
+        """Every rank calls it."""
+        self.wait()
+        if not self.in_background:
+            save_training(self.path, state, self.process)
+            return
+        saved = training_checkpoint(state, self.process, sharded=False, with_optimizer=True)
+        if self.process.is_main:
+            snapshot = on_host(saved)  # all the step waits for: training may change the originals from here
+            self.writing = threading.Thread(target=self._write, args=(snapshot,), name="save-last")
+            self.writing.start()
+
+    def _write(self, snapshot: dict[str, Any]) -> None:
+        try:
+            save_checkpoint(snapshot, self.path)
+        except CheckpointError as e:
+            self.error = e  # raised on every rank at the next wait
+
+    def wait(self) -> None:
+        """Until the write in flight is committed; every rank raises CheckpointError when one could not write."""
+        if self.writing is not None:
+            self.writing.join()
+            self.writing = None
+        if self.in_background:
+            error, self.error = self.error, None
+            agree_on_save(self.path, error, self.process)
+
+    @contextlib.contextmanager
+    def committed_at_exit(self) -> Iterator[None]:
+        """On the way out of the run, whichever way, the write in flight is committed first."""
+        try:
+            yield
+        except BaseException:
+            if self.writing is not None:  # an error: no agreement now (another rank may be gone), only the write
+                self.writing.join()
+            raise
+        self.wait()
+
+
+def on_host(value: Any) -> Any:
+    """A copy of ``value`` (a checkpoint: dicts, lists, tensors, numbers) whose tensors are in host memory: from a
+    GPU into pinned memory without blocking, then one wait for the copies; on the CPU, clones."""
+    devices = set()
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if value.device.type == "cpu":
+                return value.clone()
+            if value.device.type != "cuda":
+                return value.to("cpu")
+            devices.add(value.device)
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            return host.copy_(value, non_blocking=True)
+        if isinstance(value, dict):
+            return {key: copy(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(item) for item in value)
+        return value
+
+    copied = copy(value)
+    for device in devices:
+        torch.cuda.synchronize(device)  # the copies are done before another thread reads them
+    return copied
 
 
 def save_best(path: Path, state: TrainState, process: Process) -> None:

@@ -85,6 +85,7 @@ class Config:
     log_every: int = 50
     peak_flops: float = 0.0  # your device's peak FLOP/s in the precision trained in (docs/gpus.md), for mfu; 0: no mfu
     ckpt_every: int = 200
+    async_save: bool = True  # last.pt written in the background: the step waits only while the state is copied
     monitor: str = "val_loss"  # the metric that decides best.pt, in the direction METRIC_GOALS (task.py) gives
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
     patience: int = 0  # early stopping: stop after this many evaluations without a new best monitor; 0: never

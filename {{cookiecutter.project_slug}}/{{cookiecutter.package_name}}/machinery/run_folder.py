@@ -46,6 +46,7 @@ STOPPED_MARKER = "stopped_by_signal"
 SAFE_ON_RESUME = {
     *("eval_every", "log_every", "ckpt_every", "out_dir", "num_workers", "num_threads", "device"),
     *("max_bad_steps", "dist_timeout_minutes", "progress", "tensorboard", "compile", "tf32", "max_time_minutes"),
+    *("async_save", "activation_checkpointing"),
 }
 
 
