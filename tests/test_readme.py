@@ -164,7 +164,7 @@ def test_a_readme_example_replaces_the_task_and_every_test_still_collects(tmp_pa
     files, task_group = example(project, heading)
     assert sorted(files) == [f"{package}/data.py", f"{package}/model.py", f"{package}/task.py"]
     apply_example(project, files, task_group)
-    (project / "input.txt").write_text((project / "README.md").read_text())  # the language model's text
+    (project / "input.txt").write_text("\n".join(pages(project).values()))  # the language model's text
     lints_and_passes_its_task_tests(project)
 
 
@@ -180,7 +180,7 @@ def test_a_readme_streaming_example_trains_and_resumes_exactly(tmp_path, user_co
     apply_example(project, *example(project, "A language model"))
     files, task_group = example(project, heading)
     apply_example(project, files, task_group)
-    (project / "input.txt").write_text((project / "README.md").read_text())
+    (project / "input.txt").write_text("\n".join(pages(project).values()))
     if "prepare.py" in files:  # the token file's: data/train.bin and data/val.bin, the text's bytes
         task = project / package / "task.py"
         task.write_text(task.read_text().replace('text_file: str = "input.txt"', 'data_dir: str = "data"'))

@@ -403,7 +403,7 @@ def test_under_fsdp_no_rank_but_0_ever_holds_the_whole_model(tmp_path):
     # Each rank's peak resident memory with the trunk, over the same run's without it. glibc's threshold set low,
     # so that blocks torch frees go back to the system and the peak is what torch held (not glibc's cache).
     run = ["parallel=fsdp", "max_steps=2", "warmup_steps=0", "batch_size=4", "log_every=1", "eval_every=2"]
-    run += ["ckpt_every=2", "max_eval_batches=1", "dist_timeout_minutes=2"]
+    run += ["ckpt_every=2", "max_eval_batches=1", "dist_timeout_minutes=2", "async_save=false"]  # set-up, training
     peaks = {}
     for megabytes in (0, MODEL_MIB):
         env = {"STAND_IN_TRUNK_MB": str(megabytes), "MALLOC_MMAP_THRESHOLD_": "131072"}

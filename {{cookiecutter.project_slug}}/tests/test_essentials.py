@@ -463,3 +463,14 @@ def test_activation_checkpointing_trains_the_same_numbers_in_less_memory(tmp_pat
     assert run_records(tmp_path / "true") == run_records(tmp_path / "false")  # dropout's draws repeated exactly
     assert_same_weights(checkpoint(tmp_path / "true")["model"], checkpoint(tmp_path / "false")["model"])
     assert peaks["true"] < peaks["false"] - SAVED_MIB
+{%- if cookiecutter.loop == "plain" %}
+
+
+@pytest.mark.parametrize("batch_size", [32, 512])  # about 200 and 3,300 loss terms (tokens) per micro-batch
+def test_fp16_skips_no_step_at_the_start_of_a_run_on_a_summed_loss(make_config, batch_size):
+    # GradScaler's real fp16 path runs on the CPU here (torch has CPU autocast and GradScaler for fp16).
+    cfg = make_config("precision=fp16", f"batch_size={batch_size}", "max_steps=40", "log_every=1", "eval_every=100")
+    train(cfg)
+    skipped = [r["step"] for r in train_records(cfg.out_dir) if r.get("skipped")]
+    assert skipped == [], f"steps skipped by fp16's GradScaler: {skipped}"
+{%- endif %}

@@ -10,6 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+{%- if cookiecutter.loop == "plain" %}
+from concurrent.futures import Future
+{%- endif %}
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -475,22 +478,31 @@ def test_a_crash_inside_a_save_leaves_the_old_file_intact(tmp_path, monkeypatch)
 {%- if cookiecutter.loop == "plain" %}
 
 
-def test_a_crash_inside_a_sharded_save_leaves_the_previous_one_to_resume_from(make_config, monkeypatch, capsys):
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_a_crash_inside_a_sharded_save_leaves_the_previous_one_to_resume_from(
+    make_config, monkeypatch, capsys, async_save
+):
     # parallel=fsdp (here in one process): the latest state is the folder last/, committed by last/latest.
-    run = ["parallel=fsdp", "max_steps=10", "ckpt_every=5", "eval_every=100", "log_every=5"]
+    run = ["parallel=fsdp", "max_steps=10", "ckpt_every=5", "eval_every=100", "log_every=5", f"async_save={async_save}"]
     reference = make_config(*run, name="reference")
     train(reference)
     cfg = make_config(*run, name="crashed")
-    real_save, saves = checkpoint_module.dcp.save, []
+    name = "async_save" if async_save == "true" else "save"
+    real_save, saves = getattr(checkpoint_module.dcp, name), []
 
     def save_then_crash(*args, **kwargs):
         saves.append(kwargs["checkpoint_id"])
-        real_save(*args, **kwargs)
-        if len(saves) == 2:  # step 10's shards are on disk, not committed yet
+        written = real_save(*args, **kwargs)
+        if len(saves) < 2:
+            return written
+        if async_save == "false":  # step 10's shards are on disk, not committed yet
             raise RuntimeError("the process was killed")
+        crashed = Future()  # in the background: the same, once the shards are written
+        written.add_done_callback(lambda _: crashed.set_exception(RuntimeError("the process was killed")))
+        return crashed
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint_module.dcp, "save", save_then_crash)
+        patch.setattr(checkpoint_module.dcp, name, save_then_crash)
         assert main(cli(cfg.out_dir, *run)) == 1
     assert "could not save" in capsys.readouterr().err
     last = Path(cfg.out_dir) / "last"

@@ -22,7 +22,7 @@ from .checkpoint import (
 from .clipping import clip_gradients
 from .config import Config, ConfigError, load_config
 from .optimizer import build_optimizer, optimizer_step
-from .precision import Precision, allow_tf32, resolve_precision
+from .precision import Precision, allow_tf32, fit_first_scale, resolve_precision
 from .schedule import build_scheduler
 from .seed import seed_everything
 from .validation import monitor_goal, validate
@@ -37,6 +37,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "clip_gradients",
+    "fit_first_scale",
     "load_config",
     "load_weights",
     "monitor_goal",

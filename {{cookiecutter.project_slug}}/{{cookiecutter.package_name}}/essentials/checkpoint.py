@@ -32,6 +32,8 @@ import threading
 import warnings
 import zipfile
 from collections.abc import Iterator
+from concurrent import futures
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,16 +191,17 @@ def agree_on_save(path: Path, error: CheckpointError | None, process: Process) -
 class LastCheckpoint:
     """The run's latest state, ``last``, saved every ``ckpt_every`` steps and when the run stops.
 
-    With ``async_save`` (the default), ``last.pt`` is written in the background: the step waits only while the
-    state is copied to host memory (pinned, from a GPU), then a thread writes, fsyncs and renames it into place
-    while training goes on. One write at most is in flight: the next save, and the end of the run whichever way
-    it ends (a stop request, an error), wait for it first. A crash during a write leaves the previous ``last.pt``
-    whole (the rename is the commit). parallel=fsdp's sharded ``last`` is written in the foreground."""
+    With ``async_save`` (the default), ``last`` is written in the background: the step waits only while the
+    state is copied to host memory (pinned, from a GPU), then a thread writes it while training goes on. One
+    write at most is in flight: the next save, and the end of the run whichever way it ends (a stop request, an
+    error), wait for it first. The commit is the same as in the foreground: ``last.pt``'s rename, or
+    parallel=fsdp's ``latest``, written by rank 0 once every rank's shards are (DCP's ``async_save``, its
+    collectives on a gloo group of their own), so a crash during a write leaves the previous ``last`` whole."""
 
     def __init__(self, path: Path, process: Process, in_background: bool):
-        self.path, self.process = path, process
-        self.in_background = in_background and path.suffix == ".pt"
-        self.writing: threading.Thread | None = None
+        self.path, self.process, self.in_background = path, process, in_background
+        self.sharded = path.suffix != ".pt"
+        self.writing: threading.Thread | Future | None = None
         self.error: CheckpointError | None = None
 
     def save(self, state: TrainState) -> None:
@@ -207,8 +210,11 @@ class LastCheckpoint:
         if not self.in_background:
             save_training(self.path, state, self.process)
             return
-        saved = training_checkpoint(state, self.process, sharded=False, with_optimizer=True)
-        if self.process.is_main:
+        saved = training_checkpoint(state, self.process, sharded=self.sharded, with_optimizer=True)
+        if self.sharded:  # DCP copies the shards to host memory, then writes them in a thread of its own
+            self.writing = save_sharded(self.path, saved, self.process, in_background=True)
+            self.writing.add_done_callback(self._done)
+        elif self.process.is_main:
             snapshot = on_host(saved)  # all the step waits for: training may change the originals from here
             self.writing = threading.Thread(target=self._write, args=(snapshot,), name="save-last")
             self.writing.start()
@@ -219,11 +225,19 @@ class LastCheckpoint:
         except CheckpointError as e:
             self.error = e  # raised on every rank at the next wait
 
+    def _done(self, writing: Future) -> None:
+        try:
+            writing.result()  # the commit's own errors, and DCP's: every rank's
+        except (OSError, RuntimeError, CheckpointException, CheckpointError) as e:
+            self.error = CheckpointError(f"could not save {self.path}: {_first_line(e)}; its latest names the good one")
+
     def wait(self) -> None:
         """Until the write in flight is committed; every rank raises CheckpointError when one could not write."""
-        if self.writing is not None:
+        if isinstance(self.writing, threading.Thread):
             self.writing.join()
-            self.writing = None
+        elif self.writing is not None:
+            futures.wait([self.writing])
+        self.writing = None
         if self.in_background:
             error, self.error = self.error, None
             agree_on_save(self.path, error, self.process)
@@ -234,7 +248,7 @@ class LastCheckpoint:
         try:
             yield
         except BaseException:
-            if self.writing is not None:  # an error: no agreement now (another rank may be gone), only the write
+            if isinstance(self.writing, threading.Thread):  # an error: no agreement now (a rank may be gone)
                 self.writing.join()
             raise
         self.wait()
@@ -319,27 +333,53 @@ def restore_training(path: Path, saved: dict[str, Any], state: TrainState, proce
         )
 
 
-def save_sharded(folder: Path, saved: dict[str, Any], process: Process) -> None:
-    """Every rank writes its shards into ``folder/step-N``, rank 0 adds the rest, then commits it (``latest``)."""
+def save_sharded(folder: Path, saved: dict[str, Any], process: Process, in_background: bool = False) -> Future | None:
+    """Every rank writes its shards into ``folder/step-N``, rank 0 adds the rest, then commits it (``latest``).
+    ``in_background``: the shards are copied to host memory, and written, then committed, in a thread: the
+    returned future is done when they are (on rank 0, committed)."""
     step_folder = folder / f"step-{saved['step']:08d}"
     if process.is_main:  # what a crash left uncommitted at this step, before a resume
         shutil.rmtree(step_folder, ignore_errors=True)
     process.barrier()
+    shards = {"model": saved["model"], "optimizer": saved["optimizer"]}
+    rest = on_host({**saved, "model": {}, "optimizer": {}}) if process.is_main else None
+    if in_background:
+        with _one_process_is_intended():
+            written = dcp.async_save(shards, checkpoint_id=step_folder, process_group=process.saves,
+                                     no_dist=not process.has_peers)  # fmt: skip
+        committed: Future = Future()
+
+        def commit(written: Future) -> None:
+            try:
+                written.result()
+                if rest is not None:
+                    commit_sharded(folder, step_folder, rest)
+                committed.set_result(None)
+            except BaseException as e:  # handed to whoever waits for the future
+                committed.set_exception(e)
+
+        written.add_done_callback(commit)
+        return committed
     error = None
     try:
         with _one_process_is_intended():
-            shards = {"model": saved["model"], "optimizer": saved["optimizer"]}
             dcp.save(shards, checkpoint_id=step_folder, no_dist=not process.has_peers)
     except (OSError, RuntimeError, CheckpointException) as e:
         error = CheckpointError(f"could not save {step_folder}: {_first_line(e)}; {folder / LATEST} names the good one")
     if process.agree_max(error is not None):  # every rank's shards are written, or every rank stops
         raise error or CheckpointError(f"another process could not save its shards into {step_folder}")
-    if process.is_main:
-        save_checkpoint({**saved, "model": {}, "optimizer": {}}, step_folder / "train_state.pt")
-        atomic_write(folder / LATEST, lambda tmp: Path(tmp).write_text(step_folder.name + "\n"))  # the commit
-        for old in folder.glob("step-*"):
-            if old != step_folder:
-                shutil.rmtree(old, ignore_errors=True)
+    if rest is not None:
+        commit_sharded(folder, step_folder, rest)
+    return None
+
+
+def commit_sharded(folder: Path, step_folder: Path, rest: dict[str, Any]) -> None:
+    """Rank 0, once every rank's shards are written: the rest of the state, then ``latest`` names the step."""
+    save_checkpoint(rest, step_folder / "train_state.pt")
+    atomic_write(folder / LATEST, lambda tmp: Path(tmp).write_text(step_folder.name + "\n"))  # the commit
+    for old in folder.glob("step-*"):
+        if old != step_folder:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

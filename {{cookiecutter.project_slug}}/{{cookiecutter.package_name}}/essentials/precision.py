@@ -82,6 +82,17 @@ class Precision:
 {%- endif %}
 
 
+def fit_first_scale(scaler: torch.amp.GradScaler, terms: torch.Tensor) -> None:
+    """fp16 with a summed loss: its gradients are ``terms`` times a mean loss's, and GradScaler's first scale
+    (2^16) is chosen for a mean, so a run's first steps would overflow and be skipped. Called once, at a fresh
+    run's first micro-batch, with its count of terms (the mean over processes: the same on every rank): the first
+    scale is divided by the power of two nearest it, so unscaling stays exact. No host sync."""
+    if not scaler.is_enabled():
+        return
+    first = scaler.scale(torch.ones((), device=terms.device))  # its scale, made at this first use
+    scaler.update(first / torch.exp2(torch.round(torch.log2(terms.clamp(min=1)))))
+
+
 def _bf16_supported(device: torch.device, emulated_too: bool = False) -> bool:
     if device.type == "cuda":
         # Counting emulation, torch says yes on pre-Ampere GPUs too, where bf16 has no tensor cores and crawls.

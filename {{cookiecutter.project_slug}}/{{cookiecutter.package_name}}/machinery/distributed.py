@@ -73,6 +73,9 @@ class Process:
     # A gloo group for host-side agreement (stop requests, save results), so that
     # deciding them never waits on the GPU stream.
     control: Any = field(default=None, repr=False)
+    # A gloo group of its own for the collectives of sharded saves in the background (parallel=fsdp's last),
+    # which run in a thread beside training's: with a longer timeout, as a save may take longer than a step.
+    saves: Any = field(default=None, repr=False)
 {%- if cookiecutter.loop == "accelerate" %}
     accelerator: Any = field(default=None, repr=False)
 {%- endif %}
@@ -358,6 +361,9 @@ def join_group(device: torch.device, timeout_minutes: float) -> None:
                             device_id=device if device.index is not None else None)  # fmt: skip
 
 
+SAVE_TIMEOUT = timedelta(minutes=60)  # a background save's collectives: as long as a big model's write may take
+
+
 def joined(timeout_minutes: float, device: torch.device) -> Process:
     """This process's place in the process group (started by ``setup``, or by a library), plus a gloo group
     for host-side agreement when the group's backend is not gloo (NCCL)."""
@@ -365,7 +371,9 @@ def joined(timeout_minutes: float, device: torch.device) -> Process:
         return Process(device=device)
     timeout = timedelta(minutes=timeout_minutes)
     control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
-    return Process(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size(), device, control)
+    saves = dist.new_group(backend="gloo", timeout=max(timeout, SAVE_TIMEOUT))
+    rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    return Process(rank, local_rank, dist.get_world_size(), device, control, saves)
 
 
 def cleanup(process: Process, wait_for_others: bool = True) -> None:
