@@ -20,13 +20,15 @@ PROBE_GRADIENT_BYTES=1 measures the gradient bytes held in step 2's last micro-b
 PROBE_RANK_DRAWS=1 makes each rank draw rank + 1 numbers from torch's, NumPy's and Python's global streams
 while its datasets are built (as a data.py that shuffles its shard list may). PROBE_ACCELERATOR=TYPE makes
 torch name TYPE as this machine's accelerator (torch._C._get_accelerator), as a GPU machine would.
-The report holds the rank's peak resident memory (VmHWM) too, read from /proc as the rank ends.
+The report holds the rank's peak resident memory (VmHWM) too, read from /proc as the rank ends, and a hash of
+torch's CPU random stream as its first micro-batch begins (each rank has its own).
 """
 
 from __future__ import annotations
 
 import collections
 import gc
+import hashlib
 import json
 import os
 import signal
@@ -128,11 +130,13 @@ def main() -> int:
     real_loss = train_module.compute_loss
 
     held: list[int] = []  # PROBE_GRADIENT_BYTES: at step 2's last micro-batch
+    random_streams: list[str] = []  # torch's CPU stream as the first micro-batch begins, hashed
 
     def loss(output, target):
         micro_batches["n"] += 1
         if micro_batches["n"] == 1:
             (out_dir / f"probe-rank{rank}.training").touch()  # the loop is under way
+            random_streams.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
         if os.environ.get("PROBE_GRADIENT_BYTES") and micro_batches["n"] == 2 * accum_steps:
             held.append(gradient_bytes())  # what the step's earlier micro-batches left (zero_grad freed the rest)
         value, count = real_loss(output, target)
@@ -199,6 +203,7 @@ def main() -> int:
             "collectives_after_step": collectives,
             "stream_read": stand_in.SequenceStream.read,  # with STAND_IN_STREAM and no workers: what this rank read
             "peak_resident_kib": peak_resident_kib(),
+            "random_stream_at_start": random_streams[0] if random_streams else None,
         })
     )  # fmt: skip
     return code

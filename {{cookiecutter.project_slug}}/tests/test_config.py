@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -149,3 +150,18 @@ def test_a_checkpoint_config_with_keys_the_code_lacks_still_evaluates(make_confi
     assert metrics["val_loss"] == state["metrics"]["val_loss"]
     with pytest.raises(ConfigError, match="lr must be > 0"):  # the known keys are still validated
         config_from_dict({**to_dict(Config()), "lr": 0.0})
+
+
+INTEGER_FIELDS = [field.name for field in dataclasses.fields(Config) if field.type in (int, "int")]
+
+
+@pytest.mark.parametrize("name", INTEGER_FIELDS)
+def test_every_integer_field_refuses_a_bool(name):
+    with pytest.raises(ConfigError, match=f"^{name} must be an integer, got True$"):
+        load_config(None, [f"{name}=true"])
+
+
+def test_a_common_name_for_a_setting_suggests_this_configs_name(capsys):
+    for given, ours in (("learning_rate", "lr"), ("epochs", "max_steps"), ("grad_clip", "clip_grad_norm")):
+        with pytest.raises(ConfigError, match=f"^unknown config key '{given}' \\(did you mean '{ours}'\\?\\)"):
+            load_config(None, [f"{given}=1"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +14,7 @@ from {{ cookiecutter.package_name }} import train as train_module
 {%- if cookiecutter.loop == "plain" %}
 from {{ cookiecutter.package_name }}.essentials.config import load_config
 {%- endif %}
-from {{ cookiecutter.package_name }}.essentials.precision import Precision, allow_tf32, resolve_precision
+from {{ cookiecutter.package_name }}.essentials.precision import Precision, resolve_precision
 from {{ cookiecutter.package_name }}.essentials.seed import rng_state, set_rng_state
 from {{ cookiecutter.package_name }}.essentials.validation import evaluate
 {%- if cookiecutter.loop == "plain" %}
@@ -21,12 +24,12 @@ from {{ cookiecutter.package_name }}.machinery import distributed
 from {{ cookiecutter.package_name }}.train import train
 
 from . import stand_in
-from .conftest import checkpoint, first_moments, train_records
+from .conftest import ROOT, checkpoint, first_moments, train_records
 {%- else %}
 from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
-from .conftest import assert_same_weights, checkpoint, cli, first_moments, train_records
+from .conftest import ROOT, assert_same_weights, checkpoint, cli, first_moments, train_records
 {%- endif %}
 
 
@@ -228,14 +231,16 @@ def test_what_the_accelerate_loop_cannot_do_is_one_line_exit_2(tmp_path, capsys,
 
 
 @pytest.mark.parametrize("enabled", [False, True])
-def test_tf32_switch_covers_matmuls_and_convolutions(enabled):
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not enabled
-        allow_tf32(torch.device("cuda", 0), enabled)
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+def test_tf32_switch_covers_matmuls_and_convolutions_through_torchs_current_api(enabled):
+    # In a process of its own: once set through the current API, torch refuses to read the legacy flags.
+    code = (
+        "import torch; from {{ cookiecutter.package_name }}.essentials.precision import allow_tf32; "
+        f"allow_tf32(torch.device('cuda', 0), {enabled}); "
+        "print(torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    expected = "tf32" if enabled else "ieee"
+    assert result.stdout.split() == [expected, expected], result.stderr
 
 
 def test_the_gpu_random_stream_saved_is_the_current_gpus_and_resumes_on_fewer_gpus(monkeypatch):

@@ -107,6 +107,8 @@ def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monke
     assert [p["steps_taken"] for p in probes(out_dir)] == [11, 11]
     # No rank leaves its model (which holds the process group) to be freed while the interpreter shuts down.
     assert [p["models_left"] for p in probes(out_dir)] == [0, 0]
+    # Each rank draws from random streams of its own (dropout, augmentation): seeded with seed + rank.
+    assert len({p["random_stream_at_start"] for p in probes(out_dir)}) == 2
     # Between log, eval and checkpoint steps (every 3rd here) the ranks exchange nothing but gradients
     # and, once per step, the step's summed loss and its number of terms (2 numbers), then their stop
     # requests (1 number, not waited for until the next step).

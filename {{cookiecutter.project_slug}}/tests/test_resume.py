@@ -805,3 +805,45 @@ def test_sigterm_during_a_background_write_exits_143_once_the_write_is_committed
     saved = checkpoint(out_dir)
     assert 40 < saved["step"] < 400 and (out_dir / "stopped_by_signal").exists()
     assert not list(out_dir.glob(".last.pt.*.tmp"))  # committed: no write was cut short
+
+
+def test_a_run_killed_after_records_past_its_checkpoint_resumes_to_the_same_metrics(make_config):
+    run = ["max_steps=60", "log_every=5", "eval_every=100", "ckpt_every=20"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    out_dir = Path(reference.out_dir).parent / "killed"
+    metrics = out_dir / "metrics.jsonl"
+    process = start_training(out_dir, *run)
+    for line in process.stdout:
+        if line.startswith("step 30/"):
+            break
+    while '"step": 30,' not in (metrics.read_text() if metrics.exists() else ""):  # written past step 20's last
+        time.sleep(0.05)
+    process.kill()
+    process.communicate(timeout=120)
+    with metrics.open("a") as file:
+        file.write('{"step": 35, "lo')  # a line the kill tore
+    assert checkpoint(out_dir)["step"] == 20
+    train(make_config(*run, "resume=auto", name="killed"))
+    assert run_records(out_dir) == run_records(reference.out_dir)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_step_whose_gradients_are_infinite_but_not_nan_is_skipped(make_config, monkeypatch, precision):
+    real_build = train_module.build_model
+
+    def with_an_infinite_gradient_in_step_7(cfg):
+        model, calls = real_build(cfg), {"n": 0}
+
+        def hook(grad):
+            calls["n"] += 1
+            return grad.index_fill(0, torch.tensor([0]), math.inf) if calls["n"] == 7 else grad
+
+        model[-1].bias.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", with_an_infinite_gradient_in_step_7)
+    cfg = make_config(f"precision={precision}", "max_steps=20", "log_every=5")
+    train(cfg)
+    assert [r["skipped"] for r in train_records(cfg.out_dir)] == [0, 1, 0, 0]
+    assert first_moments(checkpoint(cfg.out_dir))["step"] == 19

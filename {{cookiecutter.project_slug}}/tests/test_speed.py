@@ -12,7 +12,7 @@ import torch
 
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.machinery import progress as progress_module
-from {{ cookiecutter.package_name }}.machinery.speed import count_flops
+from {{ cookiecutter.package_name }}.machinery.speed import count_flops, peak_memory_mb
 from {{ cookiecutter.package_name }}.train import train
 
 from . import stand_in
@@ -138,3 +138,10 @@ def test_every_train_record_has_tokens_per_s_and_peak_memory_and_mfu_when_peak_f
 
     train(make_config(*run, name="no_peak"))  # no peak_flops: no mfu, no FLOPs counted
     assert all("mfu" not in r and "tokens_per_s" in r for r in train_records(make_config(name="no_peak").out_dir))
+
+
+def test_peak_memory_is_in_mebibytes(monkeypatch):
+    # getrusage's ru_maxrss is in KiB on Linux, bytes on macOS: 1,000 MiB either way, not 1,048.6 MB.
+    kib_or_bytes = 1000 * 2**20 if sys.platform == "darwin" else 1000 * 2**10
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=kib_or_bytes))
+    assert peak_memory_mb(torch.device("cpu")) == 1000.0

@@ -3,19 +3,21 @@ bit-exact, by the dataset's own state_dict() or by reading again what it had rea
 
 from __future__ import annotations
 
+import itertools
 import signal
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from {{ cookiecutter.package_name }}.essentials import validation as validation_module
 from {{ cookiecutter.package_name }}.essentials.config import ConfigError
 from {{ cookiecutter.package_name }}.essentials.precision import Precision
 from {{ cookiecutter.package_name }}.essentials.validation import evaluate
 from {{ cookiecutter.package_name }}.machinery.distributed import Process, evaluation_agreement
-from {{ cookiecutter.package_name }}.machinery.loader import build_loaders
+from {{ cookiecutter.package_name }}.machinery.loader import SeededStream, build_loaders, init_worker
 from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
@@ -183,3 +185,26 @@ def test_an_empty_part_of_an_iterable_validation_set_is_one_line(make_config, mo
     go_on = evaluation_agreement(another_without)
     with pytest.raises(ConfigError, match="^a process had no validation batch: every process's part of an iterable"):
         evaluate(stand_in.build_model(cfg), val_loader, torch.device("cpu"), Precision("fp32", "cpu"), cfg.task, go_on)
+
+
+class Draws(IterableDataset):
+    """An epoch of 4 samples, each the random number drawn as it is read: what augmentation draws, read back."""
+
+    def __iter__(self):
+        return (torch.rand(()) for _ in range(4))
+
+
+def draws_by_batch(rank: int) -> dict[tuple[int, int, int], list[float]]:
+    """(worker, epoch, batch) -> the draws of that batch of 2, as 2 DataLoader workers of ``rank`` read it."""
+    stream = SeededStream(Draws(), batch_size=2, seed=0, rank=rank)
+    loader = DataLoader(stream, batch_size=None, num_workers=2, worker_init_fn=init_worker)
+    return {(p["worker"], p["epoch"], p["batch"]): batch.tolist() for batch, p in itertools.islice(loader, 16)}
+
+
+def test_a_streams_random_draws_differ_by_worker_epoch_and_rank_and_repeat_exactly():
+    rank_0, rank_1 = draws_by_batch(0), draws_by_batch(1)
+    first = rank_0[(0, 0, 1)]  # worker 0, epoch 0, its first batch
+    assert first != rank_0[(1, 0, 1)]  # another worker
+    assert first != rank_0[(0, 1, 1)]  # another epoch
+    assert first != rank_1[(0, 0, 1)]  # another process
+    assert rank_0 == draws_by_batch(0)  # a function of where the batch is, not of history

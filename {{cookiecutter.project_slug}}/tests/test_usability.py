@@ -20,10 +20,12 @@ import pytest
 import torch
 import yaml
 
+from {{ cookiecutter.package_name }} import export as export_module
 from {{ cookiecutter.package_name }} import plot as plot_module
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.essentials import validation as validation_module
-from {{ cookiecutter.package_name }}.essentials.config import DEBUG_EVAL_BATCHES, to_dict
+from {{ cookiecutter.package_name }}.essentials.checkpoint import save_checkpoint
+from {{ cookiecutter.package_name }}.essentials.config import DEBUG_EVAL_BATCHES, ConfigError, to_dict
 from {{ cookiecutter.package_name }}.export import main as export_main
 from {{ cookiecutter.package_name }}.machinery import progress as progress_module
 from {{ cookiecutter.package_name }}.machinery.metrics import read_metrics
@@ -404,3 +406,55 @@ def test_evaluate_with_workers_ends_soon_after_an_error_in_metric_totals(make_co
     result = subprocess.run(run, cwd=ROOT, env=SCRIPT_ENV, capture_output=True, text=True, timeout=ENDS_WITHIN_SECONDS)
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count("InjectedFailure: injected failure in metric_totals") == 1, result.stderr[-3000:]
+
+
+def test_export_of_best_pt_writes_best_pts_weights_not_the_runs_last(make_config, monkeypatch):
+    safetensors = pytest.importorskip("safetensors.torch")
+    scripted = iter([1.0, 2.0])  # the best at step 3, then worse at step 6: best.pt and last.pt differ
+    metrics = lambda *args, **kwargs: {"val_loss": next(scripted), "val_acc": 0.0, "val_class_acc": 0.0}  # noqa: E731
+    monkeypatch.setattr(validation_module, "evaluate", metrics)
+    cfg = make_config("max_steps=6", "warmup_steps=0", "eval_every=3")
+    train(cfg)
+    best, last = (checkpoint(cfg.out_dir, name)["model"] for name in ("best.pt", "last.pt"))
+    assert any(not torch.equal(best[key], last[key]) for key in best)
+    out = Path(cfg.out_dir) / "best.safetensors"
+    assert export_main([f"{cfg.out_dir}/best.pt", str(out)]) == 0
+    exported = safetensors.load_file(out)
+    assert exported.keys() == best.keys() and all(torch.equal(exported[key], best[key]) for key in best)
+
+
+class TiedModel(torch.nn.Module):
+    """A language model's shape: the output layer shares the embedding's weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+def test_a_model_with_tied_weights_exports_and_loads_back_tied_with_the_same_outputs(make_config, monkeypatch):
+    safetensors = pytest.importorskip("safetensors.torch")
+    monkeypatch.setattr(export_module, "build_model", lambda cfg: TiedModel())
+    cfg, model = make_config(), TiedModel()
+    Path(cfg.out_dir).mkdir(parents=True)
+    save_checkpoint({"config": to_dict(cfg), "model": model.state_dict()}, Path(cfg.out_dir) / "tied.pt")
+    out = Path(cfg.out_dir) / "tied.safetensors"
+    assert export_main([f"{cfg.out_dir}/tied.pt", str(out)]) == 0
+    loaded = TiedModel()
+    safetensors.load_model(loaded, out)
+    tokens = torch.arange(16)
+    assert loaded.head.weight.data_ptr() == loaded.embed.weight.data_ptr()
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_an_error_data_py_raises_as_config_error_is_one_line_exit_2(make_config, monkeypatch, capsys):
+    # What docs/your-task.md tells a data.py to do with a missing file: one line, not a traceback.
+    def missing(cfg):
+        raise ConfigError("task.data_dir 'shards' does not exist: run prepare.py first")
+
+    monkeypatch.setattr(train_module, "build_datasets", missing)
+    assert main(cli(make_config().out_dir)) == 2
+    assert capsys.readouterr().err == "error: task.data_dir 'shards' does not exist: run prepare.py first\n"

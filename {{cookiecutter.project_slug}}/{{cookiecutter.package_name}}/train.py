@@ -88,7 +88,7 @@ blocks = getattr(your_model, "blocks", distributed.children_with_parameters)
 
 def terms_of(count: torch.Tensor | int, process: distributed.Process) -> torch.Tensor:
     """compute_loss's count as a float32 tensor of its own on this process's device (a collective may change it)."""
-    return torch.as_tensor(count, device=process.device).to(torch.float32, copy=True)
+    return torch.zeros((), device=process.device) + count
 
 
 def divide_gradients(params: list[nn.Parameter], divisor: torch.Tensor) -> None:
@@ -114,14 +114,14 @@ def train_step(state: TrainState, process: distributed.Process, precision: Preci
         with distributed.no_gradient_sync(model, cfg.fsdp_accumulate) if accumulating else contextlib.nullcontext():
             with precision.autocast():  # 3. Mixed precision: the forward and the loss in bf16 or fp16
                 loss_sum, count = compute_loss(model(inputs), targets)  # task.py: the loss SUMMED, and its count
-            if state.step == 0 and micro == 0:  # fp16: a first scale that suits a summed loss (precision.py)
+            if state.step == 0 and micro == 0 and state.scaler.is_enabled():  # fp16: a first scale for a summed loss
                 fit_first_scale(state.scaler, process.sum_over_ranks(terms_of(count, process)) / process.world_size)
             state.scaler.scale(loss_sum).backward()  # fp16: scaled up, so that small gradients do not underflow
 {%- else %}
         with contextlib.nullcontext() if micro == cfg.accum_steps - 1 else process.accelerator.no_sync(model):
             # 3. Mixed precision: the prepared model autocasts its forward to bf16 or fp16.
             loss_sum, count = compute_loss(model(inputs), targets)  # task.py: the loss SUMMED, and its count
-            if state.step == 0 and micro == 0:  # fp16: a first scale that suits a summed loss (precision.py)
+            if state.step == 0 and micro == 0 and state.scaler.is_enabled():  # fp16: a first scale for a summed loss
                 fit_first_scale(state.scaler, process.accelerator.reduce(terms_of(count, process), "mean"))
             process.accelerator.backward(loss_sum)  # fp16: scaled up, so that small gradients do not underflow
 {%- endif %}

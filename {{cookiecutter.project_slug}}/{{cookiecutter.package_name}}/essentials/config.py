@@ -114,8 +114,21 @@ def field_types() -> dict[str, str]:
     return types | {f"task.{f.name}": _type_name(f.type) for f in fields(TaskConfig)}
 
 
+# Other loops' names for some settings, which no spelling check finds: learning_rate is far from lr.
+KNOWN_AS = {
+    "learning_rate": "lr",
+    "epochs": "max_steps",
+    "num_steps": "max_steps",
+    "grad_clip": "clip_grad_norm",
+    "max_grad_norm": "clip_grad_norm",
+    "gradient_accumulation_steps": "accum_steps",
+    "warmup": "warmup_steps",
+    "mixed_precision": "precision",
+}
+
+
 def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, field_types(), n=1)
+    close = [KNOWN_AS[name]] if name in KNOWN_AS else difflib.get_close_matches(name, field_types(), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -41,9 +41,14 @@ def resolve_device(name: str) -> torch.device:
 
 def allow_tf32(device: torch.device, enabled: bool) -> None:
     """On CUDA, let fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and newer), or forbid both."""
-    if device.type == "cuda":
+    if device.type != "cuda":
+        return
+    if hasattr(torch.backends.cudnn, "conv"):  # torch 2.9+: the settings torch.compile's kernels read too
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"  # tf32 by default: off too
+    else:  # older torch: its legacy flags (torch refuses a mix of the two)
         torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled  # on by default in torch: tf32=false must turn it off too
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,8 @@ def fit_first_scale(scaler: torch.amp.GradScaler, terms: torch.Tensor) -> None:
     """fp16 with a summed loss: its gradients are ``terms`` times a mean loss's, and GradScaler's first scale
     (2^16) is chosen for a mean, so a run's first steps would overflow and be skipped. Called once, at a fresh
     run's first micro-batch, with its count of terms (the mean over processes: the same on every rank): the first
-    scale is divided by the power of two nearest it, so unscaling stays exact. No host sync."""
-    if not scaler.is_enabled():
-        return
+    scale is divided by the power of two nearest it, so unscaling stays exact. No host sync. For an enabled
+    GradScaler only."""
     first = scaler.scale(torch.ones((), device=terms.device))  # its scale, made at this first use
     scaler.update(first / torch.exp2(torch.round(torch.log2(terms.clamp(min=1)))))
 
