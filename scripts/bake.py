@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -46,6 +47,10 @@ def main(argv: list[str]) -> int:
     from cookiecutter.exceptions import FailedHookException, OutputDirExistsException
     from cookiecutter.main import cookiecutter
 
+    # A hook that fails has printed its one line; cookiecutter would log its own traceback after it.
+    logging.getLogger("cookiecutter").addHandler(logging.NullHandler())
+    logging.getLogger("cookiecutter").propagate = False
+
     def bake() -> Path:
         return Path(cookiecutter(str(TEMPLATE), no_input=True, output_dir=str(out), extra_context=answers))
 
@@ -67,7 +72,7 @@ def main(argv: list[str]) -> int:
     print(
         f"\nproject: {project}\nnext:\n  cd {project}\n  pip install torch --index-url "
         "https://download.pytorch.org/whl/cpu   # no NVIDIA GPU: the CPU build (skip it on a GPU machine)\n"
-        f'  pip install -e ".[dev,plot]"\n  python -m {package}.train --config configs/smoke.yaml out_dir=runs/smoke'
+        f'  pip install -e ".[dev,plot,export]"\n  python -m {package}.train --config configs/smoke.yaml out_dir=runs/smoke'
     )
     return 0
 

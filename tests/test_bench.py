@@ -17,7 +17,7 @@ def test_benchmark_smoke_run_reports_every_setting(tmp_path):
         [sys.executable, str(TEMPLATE / "benchmarks" / "bench.py"), "--smoke"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,  # about 2 minutes alone; a machine busy with the baked suites takes several times that
         env={**os.environ, "TMPDIR": str(tmp_path)},  # the baked project and its runs
     )
     assert result.returncode == 0, result.stderr[-3000:]

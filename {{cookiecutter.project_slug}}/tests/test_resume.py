@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 {%- if cookiecutter.loop == "plain" %}
 from concurrent.futures import Future
 {%- endif %}
@@ -381,17 +383,37 @@ def older_format(path: Path) -> None:
     torch.save({**saved, "format": checkpoint_module.FORMAT.replace("-v3", "-v2")}, path)
 
 
+def bit_flipped(path: Path) -> None:
+    """One bit of the checkpoint's pickle changed, where weights_only's reader stops on it (a disk's error)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if info.filename.endswith("data.pkl"))
+    start = record.header_offset + 30 + len(record.filename) + len(record.extra)  # the record's bytes
+    for offset in range(start, start + record.compress_size):
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x40
+        path.write_bytes(flipped)
+        try:
+            torch.load(path, weights_only=True)
+        except pickle.UnpicklingError:
+            return
+        except Exception:  # noqa: BLE001 (another kind of damage: try the next byte)
+            pass
+    raise AssertionError("no flipped bit made weights_only's reader stop")
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
         (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "is unreadable: not a whole torch.save"),
+        (bit_flipped, "is unreadable: a damaged torch.save file"),
         (lambda p: p.write_bytes(b"not a checkpoint at all"), "is unreadable: not a whole torch.save file"),
         (lambda p: p.write_text("epoch,loss\n"), "is unreadable: not a whole torch.save file"),
         (lambda p: torch.save({"model": {}}, p), "is not a checkpoint of this project"),
         (lambda p: torch.save(torch.nn.Linear(2, 2), p), "is refused: it holds Python objects besides tensors"),
         (older_format, "was saved by another version of this project (format v2; this one reads v3): resume or"),
     ],
-    ids=["truncated", "garbage", "text", "another-project", "pickled-module", "older-format"],
+    ids=["truncated", "bit-flipped", "garbage", "text", "another-project", "pickled-module", "older-format"],
 )
 def test_a_damaged_checkpoint_is_reported_and_left_alone(make_config, capsys, damage, message):
     cfg = make_config("max_steps=3", "warmup_steps=0")

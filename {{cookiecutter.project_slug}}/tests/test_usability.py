@@ -156,7 +156,7 @@ def test_throughput_leaves_out_the_start_up(make_config, monkeypatch, caplog):
 
 
 def test_plot_writes_a_real_image(make_config):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="needs the plot extra: pip install -e '.[plot]'")
     from matplotlib import image
 
     cfg = make_config("max_steps=60", "warmup_steps=5", "log_every=5", "eval_every=15")
@@ -172,7 +172,7 @@ def test_plot_writes_a_real_image(make_config):
 
 
 def test_plot_has_a_panel_for_each_metric_whatever_its_name(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="needs the plot extra: pip install -e '.[plot]'")
     records = [{"step": s, "lr": 0.1, "loss": 1.0 / s, "skipped": 0} for s in range(10, 101, 10)]
     records += [{"step": 50, "val_mae": 0.4, "val_r2": 0.5}, {"step": 100, "val_mae": 0.3, "val_r2": 0.4}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -207,7 +207,7 @@ def test_plot_of_a_folder_without_a_run(tmp_path, capsys):
 
 
 def test_tensorboard_scalars(make_config):
-    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboard", reason="needs the tensorboard extra: pip install -e '.[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = make_config("tensorboard=true", "max_steps=20", "warmup_steps=0", "log_every=5", "eval_every=10",
@@ -223,7 +223,7 @@ def test_tensorboard_scalars(make_config):
 
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
 def test_a_tracker_gets_the_numbers_and_a_resumed_run_continues_its_tracker_run(make_config, monkeypatch, tracker):
-    module = pytest.importorskip(tracker)
+    module = pytest.importorskip(tracker, reason=f"needs the {tracker} extra: pip install -e '.[{tracker}]'")
     cfg = make_config()
     # Offline: W&B writes its runs under out_dir/wandb; MLflow into a local file store.
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -322,7 +322,7 @@ def test_evaluate_of_a_folder_or_a_missing_file_is_one_line_exit_1(tmp_path, cap
 
 
 def test_export_writes_the_weights_as_safetensors_and_the_config_beside_them(make_config, capsys):
-    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors = pytest.importorskip("safetensors.torch", reason="needs the export extra: pip install -e '.[export]'")
     cfg = make_config("max_steps=6", "warmup_steps=0", "eval_every=3")
     train(cfg)
     for name in ("best.pt", "last.pt"):
@@ -409,7 +409,7 @@ def test_evaluate_with_workers_ends_soon_after_an_error_in_metric_totals(make_co
 
 
 def test_export_of_best_pt_writes_best_pts_weights_not_the_runs_last(make_config, monkeypatch):
-    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors = pytest.importorskip("safetensors.torch", reason="needs the export extra: pip install -e '.[export]'")
     scripted = iter([1.0, 2.0])  # the best at step 3, then worse at step 6: best.pt and last.pt differ
     metrics = lambda *args, **kwargs: {"val_loss": next(scripted), "val_acc": 0.0, "val_class_acc": 0.0}  # noqa: E731
     monkeypatch.setattr(validation_module, "evaluate", metrics)
@@ -436,7 +436,7 @@ class TiedModel(torch.nn.Module):
 
 
 def test_a_model_with_tied_weights_exports_and_loads_back_tied_with_the_same_outputs(make_config, monkeypatch):
-    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors = pytest.importorskip("safetensors.torch", reason="needs the export extra: pip install -e '.[export]'")
     monkeypatch.setattr(export_module, "build_model", lambda cfg: TiedModel())
     cfg, model = make_config(), TiedModel()
     Path(cfg.out_dir).mkdir(parents=True)

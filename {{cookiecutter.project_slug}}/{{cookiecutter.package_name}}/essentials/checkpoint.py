@@ -96,7 +96,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # mmap: tensors are read from the file as needed, not a whole copy in each rank's memory. Not on
         # Windows, which cannot replace a file that is mapped (the next save renames over it).
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=os.name != "nt")
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # what a changed byte leaves, not a class the file names
+            raise CheckpointError(f"checkpoint {path} is unreadable: a damaged torch.save file (corrupt?)") from None
         raise CheckpointError(
             f"checkpoint {path} is refused: it holds Python objects besides tensors, numbers and strings (a pickled "
             "model?), and this project loads checkpoints with weights_only=True, which never runs code from a file"
