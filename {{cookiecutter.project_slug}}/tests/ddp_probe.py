@@ -14,6 +14,8 @@ checkpoint to resume from (a node with a disk of its own); PROBE_UNREADABLE_ON=R
 rank unable to read the checkpoint; PROBE_SIGTERM_IN_EVAL=RANK sends that rank a SIGTERM during
 its first evaluation; PROBE_SIGTERM_AT=RANK:STEP sends that rank a SIGTERM in that optimizer step;
 PROBE_KILL_AT=RANK:STEP kills that rank (SIGKILL) in that optimizer step, in torchrun's first launch only;
+PROBE_CRASH_IN_SAVE=N makes the N-th sharded save in the background fail once its shards are written, before
+the commit, on every rank (a crash then).
 PROBE_NODE_DISKS=FOLDER runs rank R in FOLDER/nodeR, where a relative OUT_DIR is a folder of its own;
 PROBE_EXTRA_TOTAL_ON=RANK makes that rank's metric_totals return one name more than the others'.
 PROBE_GRADIENT_BYTES=1 measures the gradient bytes held in step 2's last micro-batch, after its forward.
@@ -33,6 +35,7 @@ import json
 import os
 import signal
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import stand_in  # tests/, this script's folder
@@ -83,6 +86,22 @@ def gradient_bytes() -> int:
             grad = obj.grad.to_local() if isinstance(obj.grad, DTensor) else obj.grad
             storages[grad.untyped_storage().data_ptr()] = grad.untyped_storage().nbytes()
     return sum(storages.values())
+
+
+def crashing_at(async_save, save: int):
+    """DCP's ``async_save`` whose ``save``-th write fails once written, as a process killed before its commit."""
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        written = async_save(*args, **kwargs)
+        if calls["n"] != save:
+            return written
+        crashed = Future()
+        written.add_done_callback(lambda _: crashed.set_exception(RuntimeError("the process was killed")))
+        return crashed
+
+    return crashing
 
 
 def main() -> int:
@@ -181,6 +200,9 @@ def main() -> int:
 
         checkpoint_module.load_checkpoint = unreadable
 
+    if os.environ.get("PROBE_CRASH_IN_SAVE"):
+        crash_in = int(os.environ["PROBE_CRASH_IN_SAVE"])
+        checkpoint_module.dcp.async_save = crashing_at(checkpoint_module.dcp.async_save, crash_in)
     if os.environ.get("PROBE_EXTRA_TOTAL_ON") == str(rank):
         real = validation_module.metric_totals
         validation_module.metric_totals = lambda output, target, task: {**real(output, target, task), "extra": 1}

@@ -419,6 +419,25 @@ def test_under_fsdp_no_rank_but_0_ever_holds_the_whole_model(tmp_path):
     assert added[1] < 0.85 * MODEL_MIB, added  # its half of the shards, one unit gathered, one tensor broadcast
 
 
+def test_a_crash_inside_a_sharded_save_in_the_background_leaves_the_previous_one_to_resume_from(tmp_path):
+    run = ["parallel=fsdp", "max_steps=10", "ckpt_every=5", "eval_every=100", "log_every=5", "warmup_steps=0"]
+    env = {"STAND_IN_DROPOUT": "0"}
+    reference = torchrun(tmp_path / "reference", *run, env=env)
+    output, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, output
+    crashed = torchrun(tmp_path / "crashed", *run, env={**env, "PROBE_CRASH_IN_SAVE": "2"})
+    output, _ = crashed.communicate(timeout=300)
+    assert [p["exit_code"] for p in probes(tmp_path / "crashed", output=output)] == [1, 1], output
+    last = tmp_path / "crashed" / "last"
+    assert (last / "latest").read_text() == "step-00000005\n" and (last / "step-00000010").exists()
+    resumed = torchrun(tmp_path / "crashed", *run, "resume=auto", env=env)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    step, weights = sharded_weights(last)
+    assert step == 10
+    assert_same_weights(weights, sharded_weights(tmp_path / "reference" / "last")[1])
+
+
 def test_sgd_trains_under_fsdp_as_one_process_does(make_config, no_dropout, tmp_path):
     # FSDP's sharded parameters have no fused SGD kernel: SGD takes its foreach path there.
     common = ["optimizer=sgd", "precision=fp32", "max_steps=4", "warmup_steps=0", "log_every=1", "eval_every=100",

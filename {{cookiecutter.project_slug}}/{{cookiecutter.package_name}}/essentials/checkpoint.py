@@ -32,7 +32,6 @@ import threading
 import warnings
 import zipfile
 from collections.abc import Iterator
-from concurrent import futures
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,8 +200,11 @@ class LastCheckpoint:
     collectives on a gloo group of their own), so a crash during a write leaves the previous ``last`` whole."""
 
     def __init__(self, path: Path, process: Process, in_background: bool):
-        self.path, self.process, self.in_background = path, process, in_background
         self.sharded = path.suffix != ".pt"
+        # A sharded save in one process (parallel=fsdp alone: a test, a debug run) stays in the foreground: DCP
+        # warns in its thread there, where no warnings filter of this thread reaches.
+        self.path, self.process = path, process
+        self.in_background = in_background and (process.has_peers or not self.sharded)
         self.writing: threading.Thread | Future | None = None
         self.error: CheckpointError | None = None
 
@@ -215,7 +217,6 @@ class LastCheckpoint:
         saved = training_checkpoint(state, self.process, sharded=self.sharded, with_optimizer=True)
         if self.sharded:  # DCP copies the shards to host memory, then writes them in a thread of its own
             self.writing = save_sharded(self.path, saved, self.process, in_background=True)
-            self.writing.add_done_callback(self._done)
         elif self.process.is_main:
             snapshot = on_host(saved)  # all the step waits for: training may change the originals from here
             self.writing = threading.Thread(target=self._write, args=(snapshot,), name="save-last")
@@ -227,18 +228,17 @@ class LastCheckpoint:
         except CheckpointError as e:
             self.error = e  # raised on every rank at the next wait
 
-    def _done(self, writing: Future) -> None:
-        try:
-            writing.result()  # the commit's own errors, and DCP's: every rank's
-        except (OSError, RuntimeError, CheckpointException, CheckpointError) as e:
-            self.error = CheckpointError(f"could not save {self.path}: {_first_line(e)}; its latest names the good one")
-
     def wait(self) -> None:
         """Until the write in flight is committed; every rank raises CheckpointError when one could not write."""
         if isinstance(self.writing, threading.Thread):
             self.writing.join()
         elif self.writing is not None:
-            futures.wait([self.writing])
+            try:
+                self.writing.result()  # DCP's errors (every rank's), and the commit's
+            except (OSError, RuntimeError, CheckpointException) as e:
+                self.error = CheckpointError(
+                    f"could not save {self.path}: {_first_line(e)}; its latest names the good one"
+                )
         self.writing = None
         if self.in_background:
             error, self.error = self.error, None

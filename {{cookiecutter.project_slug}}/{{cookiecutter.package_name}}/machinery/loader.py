@@ -155,8 +155,8 @@ class BatchStream:
     def _open_epoch(self) -> None:
         self.sampler.set_epoch(self.epoch)
         self.sampler.start = self.batch_in_epoch * self.batch_size
-        # Worker seeds come from this generator: re-seed it per (rank, epoch) so they do not depend on history.
-        self.loader.generator.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.epoch)
+        # The workers' own seeds (from the loader's generator) need no care: a worker seeds every random stream
+        # before each batch it reads (WorkerSeeded), from where the batch is, so nothing it draws depends on them.
         self._iterator = iter(self.loader)
 
     def __next__(self) -> Any:
