@@ -447,6 +447,7 @@ def test_evaluation_restores_train_mode_and_leaves_weights_alone(make_config, mo
 # dropout mask for its backward): glibc's threshold set low, so that each process's peak is what torch held.
 DEEP_MODEL = {"STAND_IN_DEPTH": "6", "STAND_IN_WIDTH": "128", "MALLOC_MMAP_THRESHOLD_": "131072"}
 DEEP_RUN = ["batch_size=256", "max_steps=3", "warmup_steps=0", "log_every=1", "eval_every=3", "ckpt_every=3"]
+DEEP_RUN += ["precision=fp32"]  # activations of 4 bytes, whatever precision the project was baked with
 SAVED_MIB = 40  # at least what activation checkpointing saves here (about 80 MiB of activations)
 
 

@@ -78,7 +78,9 @@ def test_the_metrics_add_up_over_batches(smoke):
         second = metric_totals(output[half:], targets[half:], cfg.task)
     for name, value in whole.items():
         added = torch.as_tensor(first[name], dtype=torch.float64) + torch.as_tensor(second[name], dtype=torch.float64)
-        torch.testing.assert_close(torch.as_tensor(value, dtype=torch.float64), added, rtol=1e-4, atol=1e-4)
+        whole_value = torch.as_tensor(value, dtype=torch.float64)
+        close = torch.allclose(whole_value, added, rtol=1e-4, atol=1e-4)
+        assert close, f"metric_totals' '{name}' over a batch is not the sum over its halves: {whole_value} != {added}"
     totals = {name: torch.as_tensor(value, dtype=torch.float64) for name, value in whole.items()}
     metrics = compute_metrics(totals, cfg.task)
     assert set(metrics) == set(METRIC_GOALS), "METRIC_GOALS (task.py) names every metric, with its direction"
