@@ -458,3 +458,22 @@ def test_an_error_data_py_raises_as_config_error_is_one_line_exit_2(make_config,
     monkeypatch.setattr(train_module, "build_datasets", missing)
     assert main(cli(make_config().out_dir)) == 2
     assert capsys.readouterr().err == "error: task.data_dir 'shards' does not exist: run prepare.py first\n"
+
+
+def test_the_progress_line_shows_tokens_per_second_only_for_a_loss_of_several_terms_a_sample(
+    make_config, monkeypatch, caplog
+):
+    real_loss = train_module.compute_loss
+
+    def one_term_a_sample(output, target):  # a classifier's loss: its count is the batch's samples
+        loss_sum, _ = real_loss(output, target)
+        return loss_sum, target.shape[0]
+
+    lines = {}
+    for name, loss in (("tokens", real_loss), ("samples", one_term_a_sample)):
+        monkeypatch.setattr(train_module, "compute_loss", loss)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            train(make_config("max_steps=20", "log_every=10", "progress=false", name=name))
+        lines[name] = next(line for line in caplog.messages if line.startswith("step 10/"))
+    assert " tokens/s" in lines["tokens"] and " tokens/s" not in lines["samples"], lines

@@ -104,23 +104,25 @@ class Progress:
         self.last_step, self.last_time, self.last_excluded = step, now, excluded
         record.update(self.speed.measure(self.steps_per_second, terms_per_step))
         loss, grad_norm = record.get("loss", float("nan")), record.get("grad_norm", float("nan"))
+        # tokens/s where the loss counts something else than samples (tokens, pixels); one term a sample: samples/s.
+        tokens = f"  {record['tokens_per_s']:,.0f} tokens/s" if terms_per_step != self.samples_per_step else ""
         memory = f"  peak {record['peak_memory_mb']:,.0f} MB" if "peak_memory_mb" in record else ""
         mfu = f"  mfu {record['mfu']:.1%}" if "mfu" in record else ""
         if self.show_bar:
-            speed = f"{self.samples_per_second:,.0f} samples/s  {record['tokens_per_s']:,.0f} tokens/s{memory}{mfu}"
+            speed = f"{self.samples_per_second:,.0f} samples/s{tokens}{memory}{mfu}"
             self.bar.set_postfix_str(f"loss {loss:.4f}  lr {record['lr']:.2e}  {speed}", refresh=False)
             self.bar.update(step - self.bar.n)
         else:
             left = (self.total - step) / self.steps_per_second if self.steps_per_second else 0.0
             log.info(
-                "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %s samples/s  %s tokens/s%s%s  elapsed %s  left ~%s",
+                "step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %s samples/s%s%s%s  elapsed %s  left ~%s",
                 step,
                 self.total,
                 loss,
                 record["lr"],
                 grad_norm,
                 f"{self.samples_per_second:,.0f}",
-                f"{record['tokens_per_s']:,.0f}",
+                tokens,
                 memory,
                 mfu,
                 clock(now - self.started),
