@@ -243,6 +243,20 @@ def test_schedule_at_start_warmup_end_and_end(schedule):
     assert max(values) == pytest.approx(1.0) and all(v >= 0 for v in values)
 
 
+def test_wsd_warms_up_holds_the_peak_then_cools_down_linearly_to_min_lr():
+    run = ["lr_schedule=wsd", "lr=1.0", "min_lr=0.1", "warmup_steps=10", "max_steps=100", "cooldown_steps=20"]
+    cfg = load_config(None, run)
+    assert lr_at(0, cfg) == pytest.approx(1 / 11)  # the same warmup as warmup_cosine's
+    assert [lr_at(step, cfg) for step in (10, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])  # stable up to step 80
+    assert lr_at(90, cfg) == pytest.approx(0.55) and lr_at(100, cfg) == pytest.approx(0.1)  # linear to min_lr
+    assert lr_at(99, cfg) == pytest.approx(0.1 + 0.9 / 20)
+    for wrong in ("cooldown_steps=0", "cooldown_steps=91"):  # none, or more than the steps after warmup
+        with pytest.raises(ConfigError, match="lr_schedule wsd needs cooldown_steps between 1 and 90"):
+            load_config(None, [*run, wrong])
+    with pytest.raises(ConfigError, match="cooldown_steps is wsd's; lr_schedule warmup_cosine takes 0"):
+        load_config(None, ["lr_schedule=warmup_cosine", "cooldown_steps=5"])
+
+
 def test_scheduler_follows_lr_at_once_per_step():
     cfg = load_config(None, ["lr=0.5", "warmup_steps=5", "max_steps=20"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)

@@ -374,6 +374,25 @@ def test_a_longer_cosine_run_keeps_its_schedule_with_decay_steps(make_config, ca
     assert lrs[20:] == pytest.approx([cfg.min_lr] * 10)  # past its end, the schedule holds min_lr
 
 
+def test_a_wsd_run_resumed_with_more_steps_before_its_cooldown_is_extended_exactly(make_config, monkeypatch, caplog):
+    common = ["lr_schedule=wsd", "warmup_steps=5", "cooldown_steps=10", "log_every=1", "eval_every=10"]
+    longer = make_config(*common, "max_steps=60", name="longer")  # asked for 60 steps from the start
+    train(longer)
+    with monkeypatch.context() as patch:  # a 40-step run, stopped at step 20: before its cooldown (from step 30)
+        signal_during_step(patch, 20, accum_steps=1)
+        assert train(make_config(*common, "max_steps=40", name="extended"))["step"] == 20
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        extended = make_config(*common, "max_steps=60", "resume=auto", name="extended")
+        train(extended)
+    assert "max_steps changed from 40 to 60  (wsd: step 20 is before the cooldown, which now starts at step 50" in (
+        caplog.text
+    )
+    assert "will differ" not in caplog.text
+    assert run_records(extended.out_dir) == run_records(longer.out_dir)
+    assert_same_weights(checkpoint(extended.out_dir)["model"], checkpoint(longer.out_dir)["model"])
+
+
 def older_format(path: Path) -> None:
     """The checkpoint as the previous format (v2) labelled it."""
     saved = torch.load(path, weights_only=True)

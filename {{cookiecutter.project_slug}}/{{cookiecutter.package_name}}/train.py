@@ -226,7 +226,7 @@ def set_up(
         model = compile_model(model, process.device)
     state = TrainState(cfg, model, optimizer, build_scheduler(optimizer, cfg), scaler, batches)
     if resume_from is not None:
-        run_folder.report_config_changes(saved["config"], cfg, resume_from)
+        run_folder.report_config_changes(saved["config"], cfg, resume_from, saved["step"])
         restore_training(resume_from, saved, state, process)
     elif init_from is not None:  # fine-tuning: only the weights; optimizer, schedule and step start afresh
         load_weights(model, saved, init_from)

@@ -4,7 +4,7 @@
 2. Seed                           seed.py        set once, first, for every random stream
 3. Mixed precision                precision.py   autocast, and GradScaler for fp16
 4. Gradient clipping              clipping.py    after unscaling, before the optimizer step
-5. LR schedule                    schedule.py    warmup + cosine, OneCycle, step decay
+5. LR schedule                    schedule.py    warmup + cosine, OneCycle, step decay, WSD
 6. Validation + best checkpoint   validation.py (measure, judge), checkpoint.py (save, resume)
 
 and the optimizer (optimizer.py): its parameter groups, and a step that skips non-finite gradients.

@@ -21,7 +21,7 @@ import yaml
 from ..task import TaskConfig, check_task_config
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-LR_SCHEDULES = ("warmup_cosine", "onecycle", "step")
+LR_SCHEDULES = ("warmup_cosine", "onecycle", "step", "wsd")
 PARALLEL = ("ddp", "fsdp")
 FSDP_ACCUMULATE = ("sharded", "whole")
 OPTIMIZERS = ("adamw", "sgd")
@@ -72,12 +72,13 @@ class Config:
     clip_grad_norm: float = 1.0  # 0 turns clipping off
 
     # --- learning-rate schedule (schedule.py) ---
-    lr_schedule: str = "{{ cookiecutter.lr_schedule }}"  # warmup_cosine, onecycle, step
+    lr_schedule: str = "{{ cookiecutter.lr_schedule }}"  # warmup_cosine, onecycle, step, wsd
     warmup_steps: int = 100
     min_lr: float = 3e-5
     lr_step_size: int = 500  # step schedule: decay every this many steps
     lr_gamma: float = 0.1  # step schedule: multiply the lr by this at each decay
-    decay_steps: int = 0  # warmup_cosine, onecycle: the step where lr reaches min_lr; 0: max_steps
+    decay_steps: int = 0  # warmup_cosine, onecycle, wsd: the step where lr reaches min_lr; 0: max_steps
+    cooldown_steps: int = 0  # wsd: the linear cooldown to min_lr, over the last this many steps (0 otherwise)
 
     # --- validation, logging, checkpoints ---
     eval_every: int = 200
@@ -301,6 +302,15 @@ def validate(cfg: Config) -> None:
         f"decay_steps must be 0 (= max_steps) or at least warmup_steps ({cfg.warmup_steps}), got {cfg.decay_steps}",
     )
     require(0 < cfg.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
+    if cfg.lr_schedule == "wsd":
+        horizon = cfg.decay_steps or cfg.max_steps
+        require(
+            1 <= cfg.cooldown_steps <= horizon - cfg.warmup_steps,
+            f"lr_schedule wsd needs cooldown_steps between 1 and {horizon - cfg.warmup_steps} (the steps after "
+            f"warmup), got {cfg.cooldown_steps}",
+        )
+    else:
+        require(cfg.cooldown_steps == 0, f"cooldown_steps is wsd's; lr_schedule {cfg.lr_schedule} takes 0")
     for key in ("eval_every", "log_every", "ckpt_every", "max_bad_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
     for key in ("num_workers", "num_threads", "patience", "max_eval_batches", "peak_flops"):

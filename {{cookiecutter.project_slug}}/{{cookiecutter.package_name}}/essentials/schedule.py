@@ -1,12 +1,16 @@
 """Essential 5: the learning-rate schedule, one value per optimizer step.
 
-All three shapes are plain functions of the step, so the value at any step is
+All four shapes are plain functions of the step, so the value at any step is
 easy to test and the scheduler's whole state is one number, the step:
 - warmup_cosine: linear warmup from 0 to lr, then cosine decay to min_lr (transformers).
 - onecycle: cosine ramp from lr/25 up to lr over warmup_steps, then cosine
   anneal to min_lr (the learning-rate shape of OneCycle, for fine-tuning).
   Both reach min_lr at ``decay_steps`` (0: at max_steps), and stay there.
 - step: linear warmup, then lr * lr_gamma ** (steps_after_warmup // lr_step_size) (classic CNNs).
+- wsd (warmup-stable-decay): linear warmup, lr held, then a linear cooldown to min_lr over the last
+  ``cooldown_steps`` before ``decay_steps`` (0: max_steps). A run resumed with a larger max_steps from
+  before its cooldown goes on at lr and cools down at its new end, as if it had been asked for that
+  length from the start: a run can be extended.
 
 The loop calls ``scheduler.step()`` once per optimizer step, after the step.
 """
@@ -32,6 +36,11 @@ def decay_horizon(cfg: Config) -> int:
     return cfg.decay_steps or cfg.max_steps
 
 
+def cooldown_start(cfg: Config) -> int:
+    """wsd: the step at which the lr leaves its peak (it reaches min_lr ``cooldown_steps`` later)."""
+    return decay_horizon(cfg) - cfg.cooldown_steps
+
+
 def lr_at(step: int, cfg: Config) -> float:
     """The learning rate used for optimizer step ``step`` (0-based)."""
     warmup, total = cfg.warmup_steps, decay_horizon(cfg)
@@ -45,6 +54,9 @@ def lr_at(step: int, cfg: Config) -> float:
         return _cosine((step - warmup) / max(1, total - warmup), cfg.lr, cfg.min_lr)
     if cfg.lr_schedule == "step":
         return cfg.lr * cfg.lr_gamma ** ((step - warmup) // cfg.lr_step_size)
+    if cfg.lr_schedule == "wsd":
+        cooled = min(max(step - cooldown_start(cfg), 0) / cfg.cooldown_steps, 1.0)
+        return cfg.lr - (cfg.lr - cfg.min_lr) * cooled
     raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")
 
 

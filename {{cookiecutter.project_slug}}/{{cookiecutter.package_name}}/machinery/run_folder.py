@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..essentials.config import Config, ConfigError, differences, dump_yaml, to_dict
-from ..essentials.schedule import decay_horizon
+from ..essentials.schedule import cooldown_start, decay_horizon
 from .distributed import Process
 from .files import remove
 from .metrics import MetricsLog, require_tensorboard
@@ -144,7 +144,8 @@ def choose_start(cfg: Config, process: Process) -> tuple[Path | None, Path | Non
     return resume_from, init_from
 
 
-def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path, step: int) -> None:
+    """Log what differs between the checkpoint's config (``saved``, at ``step``) and this run's, and what follows."""
     changes = differences(saved, to_dict(cfg))
     for key in ("resume", "overwrite"):  # how this run was started, not what it trains
         changes.pop(key, None)
@@ -153,7 +154,9 @@ def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path) -> Non
         note = ""
         if key in ("max_steps", "decay_steps"):  # safe unless they move the end of the lr schedule
             horizon = decay_horizon(cfg)
-            if cfg.lr_schedule != "step" and horizon != saved_horizon:
+            if cfg.lr_schedule == "wsd" and saved.get("lr_schedule") == "wsd" and horizon != saved_horizon:
+                note = extending_wsd(saved, cfg, step)
+            elif cfg.lr_schedule != "step" and horizon != saved_horizon:
                 note = f"  (the lr schedule now ends at step {horizon}, not {saved_horizon}: the resumed run will "
                 note += f"differ from an uninterrupted one; decay_steps={saved_horizon} keeps it)"
         elif key not in SAFE_ON_RESUME:
@@ -161,6 +164,15 @@ def report_config_changes(saved: dict[str, Any], cfg: Config, path: Path) -> Non
         log.warning("resume: %s changed from %r to %r%s", key, old, new, note)
     if changes:
         log.info("resume: %d config change(s) against %s", len(changes), path)
+
+
+def extending_wsd(saved: dict[str, Any], cfg: Config, step: int) -> str:
+    """The note for a wsd run resumed at ``step`` with another end: an extension while it is still at its peak."""
+    saved_start = (saved.get("decay_steps") or saved["max_steps"]) - saved.get("cooldown_steps", 0)
+    if step <= saved_start and step <= cooldown_start(cfg):
+        where = f"step {step} is before the cooldown, which now starts at step {cooldown_start(cfg)}"
+        return f"  (wsd: {where}: the run goes on as if it had been asked for this length from the start)"
+    return f"  (wsd: step {step} is in the cooldown begun at step {saved_start}: the resumed run will differ)"
 
 
 def open_run_folder(state: TrainState, process: Process, resumed: bool) -> MetricsLog:
