@@ -489,3 +489,17 @@ def test_fp16_skips_no_step_at_the_start_of_a_run_on_a_summed_loss(make_config, 
     skipped = [r["step"] for r in train_records(cfg.out_dir) if r.get("skipped")]
     assert skipped == [], f"steps skipped by fp16's GradScaler: {skipped}"
 {%- endif %}
+
+
+def test_keep_every_leaves_snapshots_that_evaluate_and_init_from_read(make_config):
+    cfg = make_config("max_steps=30", "keep_every=10", "eval_every=10", "ckpt_every=10")
+    train(cfg)
+    snapshots = Path(cfg.out_dir) / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == [f"step-000000{n}0.pt" for n in (1, 2, 3)]
+    for step, record in zip((10, 20, 30), eval_records(cfg.out_dir), strict=True):  # each, the weights of its step
+        saved = checkpoint(snapshots, f"step-{step:08d}.pt")
+        assert saved["step"] == step and "optimizer" not in saved  # the weights, and what evaluating them needs
+        measured = evaluate_checkpoint(snapshots / f"step-{step:08d}.pt")
+        assert measured["val_loss"] == pytest.approx(record["val_loss"], rel=1e-6)
+    fine_tuned = make_config("max_steps=5", "warmup_steps=0", f"init_from={snapshots / 'step-00000020.pt'}", name="ft")
+    assert train(fine_tuned)["step"] == 5

@@ -62,6 +62,7 @@ from .essentials import (  # the lesson: essentials/, each essential in the file
     resolve_precision,
     restore_training,
     save_best,
+    save_snapshot,
     seed_everything,
     validate,
 )
@@ -282,10 +283,11 @@ def run(cfg: Config, process: distributed.Process, stop: StopRequest) -> dict[st
                 do_log = final or state.step % cfg.log_every == 0
                 do_eval = final or state.step % cfg.eval_every == 0
                 do_ckpt = final or state.step % cfg.ckpt_every == 0
+                do_keep = cfg.keep_every > 0 and state.step % cfg.keep_every == 0  # a snapshot, kept
                 # A stop request (SIGTERM, Ctrl-C, max_time_minutes) is acted on after the step it arrives in; under
                 # torchrun after the next one, every rank at the same step: the requests travel while it runs.
                 stop_reason = stop_agreement.exchange(stop.reason())
-                if not (do_log or do_eval or do_ckpt or stop_reason):
+                if not (do_log or do_eval or do_ckpt or do_keep or stop_reason):
                     continue
                 state.step_log.read(state.step, state.scaler.is_enabled(), cfg.max_bad_steps)
                 if do_log:
@@ -304,6 +306,8 @@ def run(cfg: Config, process: distributed.Process, stop: StopRequest) -> dict[st
                 out_of_patience = do_eval and cfg.patience > 0 and state.evals_since_best >= cfg.patience
                 if stop_reason or out_of_patience or (do_ckpt and state.step_log.bad_streak == 0):
                     last.save(state)  # in the background (async_save): the step waits only for a copy
+                if do_keep and state.step_log.bad_streak == 0:
+                    save_snapshot(Path(cfg.out_dir), state, process)
                 outside_seconds += time.perf_counter() - paused
                 if stop_reason or out_of_patience:
                     run_folder.announce_stop(state, process, stop_reason)

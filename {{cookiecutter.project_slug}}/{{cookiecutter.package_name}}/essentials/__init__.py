@@ -18,6 +18,7 @@ from .checkpoint import (
     read_on_every_rank,
     restore_training,
     save_best,
+    save_snapshot,
 )
 from .clipping import clip_gradients
 from .config import Config, ConfigError, load_config
@@ -46,6 +47,7 @@ __all__ = [
     "resolve_precision",
     "restore_training",
     "save_best",
+    "save_snapshot",
     "seed_everything",
     "validate",
 ]

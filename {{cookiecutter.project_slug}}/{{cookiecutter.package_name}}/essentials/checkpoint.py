@@ -289,6 +289,17 @@ def save_best(path: Path, state: TrainState, process: Process) -> None:
     save_training(path, state, process, with_optimizer=not (process.has_peers and state.cfg.parallel == "fsdp"))
 
 
+def save_snapshot(out_dir: Path, state: TrainState, process: Process) -> Path:
+    """keep_every: ``out_dir/snapshots/step-N.pt``, the weights at this step (and the config and metrics, as
+    ``best.pt`` holds them: ``evaluate``, ``export`` and ``init_from`` read it), never replaced or deleted by the
+    loop. Under FSDP the weights are gathered on rank 0. Every rank calls it."""
+    path = out_dir / "snapshots" / f"step-{state.step:08d}.pt"
+    if process.is_main:
+        path.parent.mkdir(exist_ok=True)
+    save_training(path, state, process, with_optimizer=False)
+    return path
+
+
 def restore_training(path: Path, saved: dict[str, Any], state: TrainState, process: Process) -> None:
     """Put the checkpoint read from ``path`` (``read_on_every_rank``: a file or a sharded folder) back into
     ``state``, and this rank's RNG streams. Every rank calls it."""

@@ -86,6 +86,7 @@ class Config:
     log_every: int = 50
     peak_flops: float = 0.0  # your device's peak FLOP/s in the precision trained in (docs/gpus.md), for mfu; 0: no mfu
     ckpt_every: int = 200
+    keep_every: int = 0  # a snapshot of the weights every this many steps, out_dir/snapshots, kept (0: none)
     async_save: bool = True  # last.pt written in the background: the step waits only while the state is copied
     monitor: str = "val_loss"  # the metric that decides best.pt, in the direction METRIC_GOALS (task.py) gives
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
@@ -313,7 +314,7 @@ def validate(cfg: Config) -> None:
         require(cfg.cooldown_steps == 0, f"cooldown_steps is wsd's; lr_schedule {cfg.lr_schedule} takes 0")
     for key in ("eval_every", "log_every", "ckpt_every", "max_bad_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("num_workers", "num_threads", "patience", "max_eval_batches", "peak_flops"):
+    for key in ("num_workers", "num_threads", "patience", "max_eval_batches", "peak_flops", "keep_every"):
         require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     require(cfg.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
     require(cfg.max_time_minutes >= 0, f"max_time_minutes must be >= 0 (0: no limit), got {cfg.max_time_minutes}")

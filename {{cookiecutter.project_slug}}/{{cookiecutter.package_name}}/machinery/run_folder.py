@@ -36,7 +36,7 @@ from .trackers import TrackerError, require_tracker, start_tracker
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "last", "best.pt")  # last: parallel=fsdp's, a folder
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "last", "best.pt", "snapshots")  # last: fsdp's, a folder
 # Written when a signal or max_time_minutes stopped the run (after last.pt), removed when it starts again:
 # torchrun exits 1 when its processes exit 143 or 124, so a requeue script looks for this file
 # (docs/resume.md).
@@ -46,7 +46,7 @@ STOPPED_MARKER = "stopped_by_signal"
 SAFE_ON_RESUME = {
     *("eval_every", "log_every", "ckpt_every", "out_dir", "num_workers", "num_threads", "device"),
     *("max_bad_steps", "dist_timeout_minutes", "progress", "tensorboard", "compile", "tf32", "max_time_minutes"),
-    *("async_save", "activation_checkpointing"),
+    *("async_save", "activation_checkpointing", "keep_every"),
 }
 
 
