@@ -476,9 +476,10 @@ def test_fsdp_accumulation_holds_1_nth_of_the_gradients_unless_told_to_keep_them
 
 def test_an_fsdp_run_stopped_by_sigterm_resumes_exactly_on_2_processes_and_on_1(make_config, no_dropout, tmp_path):
     # No dropout: one process draws from other random streams than two, and must still reach the same weights.
+    # With a weight EMA, each rank's average of its own shards: sharded_weights reads the average.
     env = {"STAND_IN_DROPOUT": "0"}
     run = ["parallel=fsdp", "max_steps=24", "warmup_steps=2", "accum_steps=2", "batch_size=16", "log_every=4",
-           "eval_every=8", "ckpt_every=100", "dist_timeout_minutes=0.5"]  # fmt: skip
+           "eval_every=8", "ckpt_every=100", "dist_timeout_minutes=0.5", "ema_decay=0.9"]  # fmt: skip
     reference = torchrun(tmp_path / "reference", *run, env=env)
     output, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, output
@@ -499,6 +500,8 @@ def test_an_fsdp_run_stopped_by_sigterm_resumes_exactly_on_2_processes_and_on_1(
     assert run_records(tmp_path / "stopped") == run_records(tmp_path / "reference")
     for key, value in sharded_weights(tmp_path / "stopped" / "last")[1].items():
         assert torch.equal(value, expected[key]), key  # bit for bit
+    best = checkpoint(tmp_path / "stopped", "best.pt")  # gathered on rank 0: the average, as evaluation used it
+    assert best["step"] == 24 and all(torch.equal(best["model"][key], value) for key, value in expected.items())
 
     # One process (batch 32: the same global batch) reads both ranks' shards, and continues to the same weights.
     summary = train(make_config(*run, f"out_dir={tmp_path / 'alone'}", "resume=auto", "batch_size=32"))

@@ -17,6 +17,7 @@ from {{ cookiecutter.package_name }}.essentials import validation as validation_
 from {{ cookiecutter.package_name }}.essentials.clipping import clip_gradients
 {%- endif %}
 from {{ cookiecutter.package_name }}.essentials.config import ConfigError, load_config
+from {{ cookiecutter.package_name }}.essentials.ema import WeightEMA
 from {{ cookiecutter.package_name }}.essentials.precision import Precision
 from {{ cookiecutter.package_name }}.essentials.schedule import build_scheduler, lr_at
 from {{ cookiecutter.package_name }}.essentials.validation import evaluate
@@ -503,3 +504,56 @@ def test_keep_every_leaves_snapshots_that_evaluate_and_init_from_read(make_confi
         assert measured["val_loss"] == pytest.approx(record["val_loss"], rel=1e-6)
     fine_tuned = make_config("max_steps=5", "warmup_steps=0", f"init_from={snapshots / 'step-00000020.pt'}", name="ft")
     assert train(fine_tuned)["step"] == 5
+
+
+# --- weight EMA ---
+
+
+def test_weight_ema_averages_on_the_device_from_ema_start_on():
+    model = torch.nn.Linear(3, 2)
+    ema = WeightEMA(model, decay=0.75, start=1)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for step, shift in enumerate((1.0, 2.0, 4.0)):
+            for p in model.parameters():
+                p.add_(shift)
+            ema.update(step)
+    # step 0 < ema_start: the average follows (w + 1); then 0.75 a + 0.25 w at w + 3, then at w + 7.
+    expected = [w + 0.75 * (0.75 * 1.0 + 0.25 * 3.0) + 0.25 * 7.0 for w in weights]
+    for average, want in zip(ema.average, expected, strict=True):
+        torch.testing.assert_close(average, want)
+    from_the_start = WeightEMA(model, decay=0.75, start=0)  # ema_start 0: from the weights it was made with
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    from_the_start.update(0)
+    for average, p in zip(from_the_start.average, model.parameters(), strict=True):
+        torch.testing.assert_close(average, p.detach() - 0.75)
+    assert WeightEMA(model, decay=0.0, start=0).average == []  # off: nothing held, nothing done
+
+
+def test_weight_ema_is_what_evaluation_and_best_pt_see_and_training_never_does(make_config):
+    run = ["max_steps=30", "warmup_steps=0", "log_every=1", "eval_every=10", "ckpt_every=10"]
+    plain = make_config(*run, "keep_every=1", name="plain")  # the weights after each step
+    averaged = make_config(*run, "ema_decay=0.5", "ema_start=28", name="ema")
+    train(plain)
+    train(averaged)
+    assert losses(plain.out_dir) == losses(averaged.out_dir)  # training: the weights themselves
+    last = checkpoint(averaged.out_dir)
+    assert_same_weights(checkpoint(plain.out_dir)["model"], last["model"])
+    assert last["ema"].keys() == last["model"].keys()  # by name: every trainable parameter (all, here)
+    # Up to step 28 the average follows the weights; then it moves half-way towards them after each step.
+    w28, w29, w30 = (checkpoint(Path(plain.out_dir) / "snapshots", f"step-000000{n}.pt")["model"] for n in (28, 29, 30))
+    for name, average in last["ema"].items():
+        torch.testing.assert_close(average, 0.5 * (0.5 * w28[name] + 0.5 * w29[name]) + 0.5 * w30[name])
+    # Evaluation measured the average: evaluate finds the same value from last.pt (its ema) and best.pt.
+    final = eval_records(averaged.out_dir)[-1]
+    assert final["val_loss"] != eval_records(plain.out_dir)[-1]["val_loss"]
+    for name in ("last.pt", "best.pt"):
+        measured = evaluate_checkpoint(Path(averaged.out_dir) / name)
+        assert measured["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6), name
+    best = checkpoint(averaged.out_dir, "best.pt")
+    assert best["step"] == 30 and "optimizer" not in best  # the average: weights to use, not a run to continue
+    assert_same_weights({k: best["model"][k] for k in last["ema"]}, last["ema"])
+    with pytest.raises(ConfigError, match=r"ema_decay must be in \[0, 1\)"):
+        make_config("ema_decay=1.0")

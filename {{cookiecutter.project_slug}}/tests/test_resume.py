@@ -871,3 +871,17 @@ def test_a_step_whose_gradients_are_infinite_but_not_nan_is_skipped(make_config,
     train(cfg)
     assert [r["skipped"] for r in train_records(cfg.out_dir)] == [0, 1, 0, 0]
     assert first_moments(checkpoint(cfg.out_dir))["step"] == 19
+
+
+def test_a_run_with_weight_ema_resumes_its_average_bit_exact(make_config, monkeypatch):
+    run = [*RUN, "ema_decay=0.9", "ema_start=5"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    interrupted = make_config(*run, name="interrupted")
+    with monkeypatch.context() as patch:
+        signal_during_step(patch, step=23)
+        assert train(interrupted)["exit_code"] == 143
+    assert checkpoint(interrupted.out_dir)["step"] == 23
+    train(make_config(*run, "resume=auto", name="interrupted"))
+    assert_same_run(reference.out_dir, interrupted.out_dir)  # evaluations (of the average) and best.pt included
+    assert_same_weights(checkpoint(reference.out_dir)["ema"], checkpoint(interrupted.out_dir)["ema"])

@@ -49,6 +49,7 @@ from .essentials import (  # the lesson: essentials/, each essential in the file
     ConfigError,
     LastCheckpoint,
     Precision,
+    WeightEMA,
     allow_tf32,
     build_optimizer,
     build_scheduler,
@@ -153,6 +154,7 @@ def train_step(state: TrainState, process: distributed.Process, precision: Preci
     else:
         optimizer_step(optimizer.optimizer, skip=torch.where(grad_norm.isfinite(), 0.0, 1.0))
 {%- endif %}
+    state.ema.update(state.step)  # weight EMA (ema_decay): the average moves towards the new weights
     state.step_log.add(step_loss, step_count, grad_norm, optimizer.param_groups[0]["lr"])  # read at a log step
     state.scheduler.step()  # 5. LR schedule: the next step's learning rate (a skipped step counts too)
     optimizer.zero_grad(set_to_none=True)
@@ -225,7 +227,8 @@ def set_up(
         seed_everything(cfg.seed + process.rank)  # each rank its own dropout/augmentation stream
     if cfg.compile:
         model = compile_model(model, process.device)
-    state = TrainState(cfg, model, optimizer, build_scheduler(optimizer, cfg), scaler, batches)
+    ema = WeightEMA(model, cfg.ema_decay, cfg.ema_start)  # the weights' moving average, if asked for
+    state = TrainState(cfg, model, optimizer, build_scheduler(optimizer, cfg), scaler, batches, ema)
     if resume_from is not None:
         run_folder.report_config_changes(saved["config"], cfg, resume_from, saved["step"])
         restore_training(resume_from, saved, state, process)

@@ -7,7 +7,8 @@
 5. LR schedule                    schedule.py    warmup + cosine, OneCycle, step decay, WSD
 6. Validation + best checkpoint   validation.py (measure, judge), checkpoint.py (save, resume)
 
-and the optimizer (optimizer.py): its parameter groups, and a step that skips non-finite gradients.
+and the optimizer (optimizer.py): its parameter groups, and a step that skips non-finite gradients; the weights'
+moving average (ema.py), which evaluation uses.
 The loop (train.py) takes what it uses from here; read each file for the how and the why.
 """
 
@@ -22,6 +23,7 @@ from .checkpoint import (
 )
 from .clipping import clip_gradients
 from .config import Config, ConfigError, load_config
+from .ema import WeightEMA
 from .optimizer import build_optimizer, optimizer_step
 from .precision import Precision, allow_tf32, fit_first_scale, resolve_precision
 from .schedule import build_scheduler
@@ -34,6 +36,7 @@ __all__ = [
     "ConfigError",
     "LastCheckpoint",
     "Precision",
+    "WeightEMA",
     "allow_tf32",
     "build_optimizer",
     "build_scheduler",

@@ -150,13 +150,16 @@ def check_fits(model: nn.Module, weights: dict[str, torch.Tensor], path: str | P
 
 
 def load_weights(model: nn.Module, saved: dict[str, Any], path: str | Path) -> None:
-    """A checkpoint's weights alone into ``model`` (plain, DDP, FSDP or compiled), from a file or a sharded folder."""
+    """A checkpoint's weights alone into ``model`` (plain, DDP, FSDP or compiled), from a file or a sharded folder:
+    their moving average where it holds one (ema_decay: last's ``ema``; best.pt and snapshots hold it as ``model``)."""
     if "sharded" in saved:
         weights = get_model_state_dict(model)
         load_shards(saved["sharded"], {"model": weights})
+        if "ema" in saved:  # the average's parameters over the weights just read (buffers stay)
+            load_shards(saved["sharded"], {"ema": {name: weights[name] for name in saved["ema"]}})
     else:
         check_fits(model, saved["model"], path)
-        weights = saved["model"]
+        weights = {**saved["model"], **saved.get("ema", {})}
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))  # as TrainState loads
 
 
@@ -284,9 +287,12 @@ def on_host(value: Any) -> Any:
 
 
 def save_best(path: Path, state: TrainState, process: Process) -> None:
-    """best.pt, for evaluation and init_from. Under FSDP without the optimizer's state: rank 0 would gather it
-    whole (8 bytes a parameter with AdamW) only to leave it unread. Every rank calls it."""
-    save_training(path, state, process, with_optimizer=not (process.has_peers and state.cfg.parallel == "fsdp"))
+    """best.pt, for evaluation and init_from: the weights evaluation measured (ema_decay: their average). Under
+    FSDP without the optimizer's state: rank 0 would gather it whole (8 bytes a parameter with AdamW) only to
+    leave it unread; nor with the average, which no run can continue from. Every rank calls it."""
+    weights_only = (process.has_peers and state.cfg.parallel == "fsdp") or bool(state.ema.average)
+    with state.ema.swapped_in():
+        save_training(path, state, process, with_optimizer=not weights_only)
 
 
 def save_snapshot(out_dir: Path, state: TrainState, process: Process) -> Path:
@@ -296,7 +302,8 @@ def save_snapshot(out_dir: Path, state: TrainState, process: Process) -> Path:
     path = out_dir / "snapshots" / f"step-{state.step:08d}.pt"
     if process.is_main:
         path.parent.mkdir(exist_ok=True)
-    save_training(path, state, process, with_optimizer=False)
+    with state.ema.swapped_in():  # ema_decay: the average, as best.pt
+        save_training(path, state, process, with_optimizer=False)
     return path
 
 
@@ -305,14 +312,19 @@ def restore_training(path: Path, saved: dict[str, Any], state: TrainState, proce
     ``state``, and this rank's RNG streams. Every rank calls it."""
     if "optimizer" not in saved:
         raise CheckpointError(
-            f"checkpoint {path} holds weights only (an fsdp run's best.pt): resume from the run's last, "
+            f"checkpoint {path} holds weights only (a best.pt of an fsdp run or with ema_decay, or a snapshot): "
+            f"resume from the run's last, "
             f"or start from these weights with init_from={path}"
         )
     try:
         if "sharded" in saved:  # this process's shards of the model and optimizer, read from the saved ones
             shards = state.state_dict(whole=False)
+            if "ema" not in saved:  # saved without ema_decay: the average starts from the weights
+                shards.pop("ema", None)
             load_shards(saved["sharded"], shards)
-            state.load_state_dict({**saved, "model": shards["model"], "optimizer": shards["optimizer"]})
+            state.load_state_dict(
+                {**saved, **{key: shards[key] for key in ("model", "optimizer", "ema") if key in shards}}
+            )
         else:
             check_fits(state.model, saved["model"], path)
             state.load_state_dict(saved)
@@ -354,8 +366,10 @@ def save_sharded(folder: Path, saved: dict[str, Any], process: Process, in_backg
     if process.is_main:  # what a crash left uncommitted at this step, before a resume
         shutil.rmtree(step_folder, ignore_errors=True)
     process.barrier()
-    shards = {"model": saved["model"], "optimizer": saved["optimizer"]}
-    rest = on_host({**saved, "model": {}, "optimizer": {}}) if process.is_main else None
+    shards = {key: saved[key] for key in ("model", "optimizer", "ema") if key in saved}
+    # The rest: all but the shards; the average's names stay (evaluate and export read the average by name).
+    names = {"ema": dict.fromkeys(saved["ema"])} if "ema" in saved else {}
+    rest = on_host({**saved, "model": {}, "optimizer": {}, **names}) if process.is_main else None
     if in_background:
         with _one_process_is_intended():
             written = dcp.async_save(shards, checkpoint_id=step_folder, process_group=process.saves,
@@ -420,7 +434,7 @@ def load_shards(step_folder: str | Path, wanted: dict[str, Any]) -> None:
         alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         with _one_process_is_intended():
             dcp.load(
-                {key: wanted[key] for key in ("model", "optimizer") if key in wanted},
+                {key: wanted[key] for key in ("model", "optimizer", "ema") if key in wanted},
                 checkpoint_id=step_folder,
                 no_dist=alone,
             )

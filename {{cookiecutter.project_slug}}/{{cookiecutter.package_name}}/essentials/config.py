@@ -70,6 +70,8 @@ class Config:
     accum_steps: int = 1
     max_steps: int = 2000  # optimizer steps
     clip_grad_norm: float = 1.0  # 0 turns clipping off
+    ema_decay: float = 0.0  # weight EMA (ema.py), which evaluation, best.pt and export use, e.g. 0.999; 0: off
+    ema_start: int = 0  # weight EMA: the average follows the weights for this many steps, then averages
 
     # --- learning-rate schedule (schedule.py) ---
     lr_schedule: str = "{{ cookiecutter.lr_schedule }}"  # warmup_cosine, onecycle, step, wsd
@@ -286,6 +288,7 @@ def validate(cfg: Config) -> None:
     lr_multipliers(cfg.lr_multipliers)  # raises ConfigError when malformed
     for key in ("beta1", "beta2", "momentum"):
         require(0 <= getattr(cfg, key) < 1, f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    require(0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1) (0: no weight EMA), got {cfg.ema_decay}")
     require(cfg.eps > 0, f"eps must be > 0, got {cfg.eps}")
     require(0 <= cfg.min_lr <= cfg.lr, f"min_lr must be between 0 and lr ({cfg.lr}), got {cfg.min_lr}")
     require(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
@@ -314,7 +317,7 @@ def validate(cfg: Config) -> None:
         require(cfg.cooldown_steps == 0, f"cooldown_steps is wsd's; lr_schedule {cfg.lr_schedule} takes 0")
     for key in ("eval_every", "log_every", "ckpt_every", "max_bad_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("num_workers", "num_threads", "patience", "max_eval_batches", "peak_flops", "keep_every"):
+    for key in ("num_workers", "num_threads", "patience", "max_eval_batches", "peak_flops", "keep_every", "ema_start"):
         require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     require(cfg.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
     require(cfg.max_time_minutes >= 0, f"max_time_minutes must be >= 0 (0: no limit), got {cfg.max_time_minutes}")

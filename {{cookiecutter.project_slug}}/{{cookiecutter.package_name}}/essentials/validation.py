@@ -167,7 +167,8 @@ def validate(
     ``agreement``: ``evaluation_agreement``. None: a stop request abandoned the evaluation (see ``evaluate``);
     the run saves and stops, and its resumption evaluates this step first.
     """
-    metrics = evaluate(state.model, val_loader, process.device, precision, state.cfg.task, agreement)
+    with state.ema.swapped_in():  # ema_decay: the weights' average is what is measured
+        metrics = evaluate(state.model, val_loader, process.device, precision, state.cfg.task, agreement)
     state.eval_due = metrics is None
     if metrics is None:
         return None

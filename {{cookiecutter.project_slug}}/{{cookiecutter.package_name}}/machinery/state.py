@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..essentials.config import Config, to_dict
+from ..essentials.ema import WeightEMA
 from ..essentials.schedule import Schedule
 from .loader import BatchStream
 
@@ -131,6 +132,7 @@ class TrainState:
     scheduler: Schedule
     scaler: torch.amp.GradScaler  # fp16's; a disabled one (no state) for bf16 and fp32
     batches: BatchStream  # the training data, and the position in it
+    ema: WeightEMA  # the weights' moving average (ema_decay; empty when off)
     step: int = 0  # optimizer steps taken (skipped ones included)
     best_metric: float | None = None  # the best value of cfg.monitor so far
     best_step: int | None = None
@@ -153,6 +155,8 @@ class TrainState:
         if with_optimizer:
             model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
             parts = {"model": model, "optimizer": optimizer}  # by parameter name
+            if self.ema.average:
+                parts["ema"] = self.ema.state_dict(whole)
         else:
             parts = {"model": get_model_state_dict(self.model, options=options)}
         return {
@@ -177,6 +181,7 @@ class TrainState:
             optim_state_dict=optimizer,
             options=StateDictOptions(full_state_dict=True),
         )
+        self.ema.load_state_dict(saved.get("ema"))  # none saved: the average starts from the weights
         self.scheduler.load_state_dict(saved["scheduler"])
         if saved["scaler"]:  # empty when saved without fp16: the new GradScaler starts fresh
             self.scaler.load_state_dict(saved["scaler"])
