@@ -89,8 +89,8 @@ def before_each_step(monkeypatch, look: Callable[[torch.optim.Optimizer], None])
     optimizer skips inside its step), whichever loop calls it."""
     real_build = train_module.build_optimizer
 
-    def build_watched_optimizer(model, cfg, device):
-        optimizer = real_build(model, cfg, device)
+    def build_watched_optimizer(model, cfg, device, *rest):
+        optimizer = real_build(model, cfg, device, *rest)
         real_step = optimizer.step
 
         def step(*args, **kwargs):

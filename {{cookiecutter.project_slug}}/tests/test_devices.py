@@ -89,8 +89,8 @@ def test_resume_keeps_this_machines_optimizer_kernels(make_config, monkeypatch, 
     real_build = train_module.build_optimizer
 
     def builder(kind: str):
-        def build_optimizer(model, cfg, device):
-            built.append(real_build(model, cfg, device if kind == "fused" else torch.device("meta")))
+        def build_optimizer(model, cfg, device, *rest):
+            built.append(real_build(model, cfg, device if kind == "fused" else torch.device("meta"), *rest))
             return built[-1]
 
         return build_optimizer

@@ -439,10 +439,12 @@ def test_a_crash_inside_a_sharded_save_in_the_background_leaves_the_previous_one
     assert_same_weights(weights, sharded_weights(tmp_path / "reference" / "last")[1])
 
 
-def test_sgd_trains_under_fsdp_as_one_process_does(make_config, no_dropout, tmp_path):
-    # FSDP's sharded parameters have no fused SGD kernel: SGD takes its foreach path there.
-    common = ["optimizer=sgd", "precision=fp32", "max_steps=4", "warmup_steps=0", "log_every=1", "eval_every=100",
-              "ckpt_every=100"]  # fmt: skip
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_sgd_and_muon_train_under_fsdp_as_one_process_does(make_config, no_dropout, tmp_path, optimizer):
+    # FSDP's sharded parameters have no fused SGD kernel: SGD takes its foreach path there. Muon orthogonalizes
+    # each whole matrix (DTensor gathers it), in bf16: the order of its sums differs from one process's.
+    common = [f"optimizer={optimizer}", "precision=fp32", "max_steps=4", "warmup_steps=0", "log_every=1",
+              "eval_every=100", "ckpt_every=100"]  # fmt: skip
     process = torchrun(tmp_path / "fsdp", *common, "parallel=fsdp", "batch_size=16", env={"STAND_IN_DROPOUT": "0"})
     output, _ = process.communicate(timeout=300)
     assert [p["exit_code"] for p in probes(tmp_path / "fsdp")] == [0, 0], output
@@ -450,7 +452,8 @@ def test_sgd_trains_under_fsdp_as_one_process_does(make_config, no_dropout, tmp_
     train(single)
     fsdp, alone = ([r["loss"] for r in read_metrics(Path(path) / "metrics.jsonl") if "loss" in r]
                    for path in (tmp_path / "fsdp", single.out_dir))  # fmt: skip
-    assert len(fsdp) == 4 and fsdp == pytest.approx(alone, rel=1e-5)
+    print(f"{optimizer} losses under fsdp {fsdp}, in one process {alone}")
+    assert len(fsdp) == 4 and fsdp == pytest.approx(alone, rel=1e-5 if optimizer == "sgd" else 1e-4)
 
 
 def test_fsdp_accumulation_holds_1_nth_of_the_gradients_unless_told_to_keep_them_whole(tmp_path, monkeypatch):

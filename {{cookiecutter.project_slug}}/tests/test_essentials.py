@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from {{ cookiecutter.package_name }} import train as train_module
 from {{ cookiecutter.package_name }}.essentials import validation as validation_module
@@ -18,6 +19,7 @@ from {{ cookiecutter.package_name }}.essentials.clipping import clip_gradients
 {%- endif %}
 from {{ cookiecutter.package_name }}.essentials.config import ConfigError, load_config
 from {{ cookiecutter.package_name }}.essentials.ema import WeightEMA
+from {{ cookiecutter.package_name }}.essentials.optimizer import build_optimizer, hidden_matrices
 from {{ cookiecutter.package_name }}.essentials.precision import Precision
 from {{ cookiecutter.package_name }}.essentials.schedule import build_scheduler, lr_at
 from {{ cookiecutter.package_name }}.essentials.validation import evaluate
@@ -557,3 +559,21 @@ def test_weight_ema_is_what_evaluation_and_best_pt_see_and_training_never_does(m
     assert_same_weights({k: best["model"][k] for k in last["ema"]}, last["ema"])
     with pytest.raises(ConfigError, match=r"ema_decay must be in \[0, 1\)"):
         make_config("ema_decay=1.0")
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest_unless_model_py_says_otherwise(make_config, monkeypatch):
+    vocab, width = 10, 8
+    embedding, hidden, output = nn.Embedding(vocab, width), nn.Linear(width, width), nn.Linear(width, vocab)
+    output.weight = embedding.weight  # tied, as a language model's often are
+    model = nn.Sequential(embedding, hidden, nn.LayerNorm(width), output)
+    assert hidden_matrices(model) == [hidden.weight]
+    untied = nn.Sequential(nn.Embedding(vocab, width), nn.Linear(width, width), nn.Linear(width, 3))
+    assert hidden_matrices(untied) == [untied[1].weight]  # not the output layer's
+    optimizer = build_optimizer(model, make_config("optimizer=muon"), torch.device("cpu"))
+    by_kind = {type(inner).__name__: {id(p) for g in inner.param_groups for p in g["params"]}
+               for inner in (optimizer.muon, optimizer.adamw)}  # fmt: skip
+    assert by_kind["Muon"] == {id(hidden.weight)}
+    assert by_kind["AdamW"] == {id(p) for p in model.parameters()} - {id(hidden.weight)}
+    # A model.py whose hidden_matrices names none: one line, before anything is trained.
+    monkeypatch.setattr(train_module, "muon_matrices", lambda model: [])
+    assert main(cli(make_config().out_dir, "optimizer=muon")) == 2

@@ -885,3 +885,28 @@ def test_a_run_with_weight_ema_resumes_its_average_bit_exact(make_config, monkey
     train(make_config(*run, "resume=auto", name="interrupted"))
     assert_same_run(reference.out_dir, interrupted.out_dir)  # evaluations (of the average) and best.pt included
     assert_same_weights(checkpoint(reference.out_dir)["ema"], checkpoint(interrupted.out_dir)["ema"])
+
+
+def test_muon_learns_and_resumes_exactly(make_config, monkeypatch):
+    run = [*RUN, "optimizer=muon", "lr=0.02", "precision=fp32"]
+    reference = make_config(*run, name="reference")
+    train(reference)
+    interrupted = make_config(*run, name="interrupted")
+    with monkeypatch.context() as patch:
+        signal_during_step(patch, step=23)
+        assert train(interrupted)["exit_code"] == 143
+    train(make_config(*run, "resume=auto", name="interrupted"))
+    records = run_records(reference.out_dir)
+    assert records == run_records(interrupted.out_dir)
+    losses = [r["loss"] for r in records if "loss" in r]
+    print(f"muon: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.7 * losses[0]  # it learns
+    a, b = checkpoint(reference.out_dir), checkpoint(interrupted.out_dir)
+    assert_same_weights(a["model"], b["model"])
+    # Muon's momentum for the hidden matrix (1.weight: the embedding and the output layer are AdamW's), AdamW's
+    # moments for the rest, each by name, each resumed bit-exact.
+    kinds = {name: sorted(state) for name, state in a["optimizer"]["state"].items()}
+    assert kinds["1.weight"] == ["momentum_buffer"] and kinds["0.weight"] == kinds["4.weight"] == [
+        "exp_avg", "exp_avg_sq", "step"]  # fmt: skip
+    for name, state in a["optimizer"]["state"].items():
+        assert all(value.equal(b["optimizer"]["state"][name][key]) for key, value in state.items()), name

@@ -31,6 +31,11 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return [child for child in model.children() if any(True for _ in child.parameters())]
 
 
+# optimizer=muon: Muon updates every 2-D weight but the embeddings' and the output layer's (the last nn.Linear),
+# AdamW the rest. If that split is wrong for your model (a 2-D weight Muon must not touch, or an output layer
+# that is not the last Linear), define here hidden_matrices(model) -> list of the parameters Muon takes.
+
+
 def build_model(cfg: Config) -> nn.Module:
     task = cfg.task  # this task's settings (task.py)
     return nn.Sequential(

@@ -55,6 +55,7 @@ from .essentials import (  # the lesson: essentials/, each essential in the file
     build_scheduler,
     clip_gradients,
     fit_first_scale,
+    hidden_matrices,
     load_config,
     load_weights,
     monitor_goal,
@@ -86,6 +87,8 @@ from .task import compute_loss
 log = logging.getLogger(__name__)
 # The model's blocks (FSDP's units, activation checkpointing's): model.py's blocks(), else each child with parameters.
 blocks = getattr(your_model, "blocks", distributed.children_with_parameters)
+# optimizer=muon: the weights Muon updates (AdamW the rest): model.py's hidden_matrices(), else optimizer.py's.
+muon_matrices = getattr(your_model, "hidden_matrices", hidden_matrices)
 
 
 def terms_of(count: torch.Tensor | int, process: distributed.Process) -> torch.Tensor:
@@ -209,7 +212,7 @@ def set_up(
     # the others only their shards; by blocks in model.py, so that no GPU holds the whole model); the optimizer.
     build = checkpointing_activations(build_model, blocks) if cfg.activation_checkpointing else build_model
     model = distributed.parallelize(build, cfg, process, precision, blocks)
-    optimizer = build_optimizer(model, cfg, process.device)
+    optimizer = build_optimizer(model, cfg, process.device, muon_matrices)
     # A GradScaler for fp16 (agreeing on overflows across FSDP's shards); for bf16 and fp32 one that does nothing.
     scaler = precision.make_scaler(sharded=process.has_peers and cfg.parallel == "fsdp")
 {%- else %}
@@ -218,7 +221,7 @@ def set_up(
     # counts batches per process); this one counts optimizer steps, on any number of processes.
     build = checkpointing_activations(build_model, blocks) if cfg.activation_checkpointing else build_model
     model = build(cfg).to(process.device)
-    model, optimizer = process.accelerator.prepare(model, build_optimizer(model, cfg, process.device))
+    model, optimizer = process.accelerator.prepare(model, build_optimizer(model, cfg, process.device, muon_matrices))
     # Accelerate's GradScaler for fp16 on a GPU; otherwise one that does nothing (checkpoints hold its state).
     scaler = process.accelerator.scaler or torch.amp.GradScaler(process.device.type, enabled=False)
 {%- endif %}

@@ -24,7 +24,7 @@ from .checkpoint import (
 from .clipping import clip_gradients
 from .config import Config, ConfigError, load_config
 from .ema import WeightEMA
-from .optimizer import build_optimizer, optimizer_step
+from .optimizer import build_optimizer, hidden_matrices, optimizer_step
 from .precision import Precision, allow_tf32, fit_first_scale, resolve_precision
 from .schedule import build_scheduler
 from .seed import seed_everything
@@ -42,6 +42,7 @@ __all__ = [
     "build_scheduler",
     "clip_gradients",
     "fit_first_scale",
+    "hidden_matrices",
     "load_config",
     "load_weights",
     "monitor_goal",

@@ -24,7 +24,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LR_SCHEDULES = ("warmup_cosine", "onecycle", "step", "wsd")
 PARALLEL = ("ddp", "fsdp")
 FSDP_ACCUMULATE = ("sharded", "whole")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "muon")
 TRACKERS = ("none", "wandb", "mlflow")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 log = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ class Config:
     num_workers: int = 0  # DataLoader worker processes per training process
 
     # --- optimisation ---
-    optimizer: str = "adamw"  # adamw, or sgd (with momentum: classic vision models)
+    # adamw; sgd (with momentum: classic vision models); muon: torch's Muon for the hidden weight matrices, AdamW
+    # (beta1, beta2, eps) for the rest, at the same lr and weight_decay (optimizer.py)
+    optimizer: str = "adamw"
     lr: float = 3e-3
     lr_multipliers: str = ""  # per-group lr, e.g. "backbone.=0.1,head.=2": parameters named so get lr x factor
     weight_decay: float = 0.01  # on weight matrices and embeddings only, never biases or norm gains
@@ -66,6 +68,7 @@ class Config:
     beta2: float = 0.999  # adamw
     eps: float = 1e-8  # adamw
     momentum: float = 0.9  # sgd
+    muon_momentum: float = 0.95  # muon
     batch_size: int = 32  # micro-batch; one optimizer step sees batch_size * accum_steps samples
     accum_steps: int = 1
     max_steps: int = 2000  # optimizer steps
@@ -286,7 +289,7 @@ def validate(cfg: Config) -> None:
     require(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.optimizer}'")
     require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     lr_multipliers(cfg.lr_multipliers)  # raises ConfigError when malformed
-    for key in ("beta1", "beta2", "momentum"):
+    for key in ("beta1", "beta2", "momentum", "muon_momentum"):
         require(0 <= getattr(cfg, key) < 1, f"{key} must be in [0, 1), got {getattr(cfg, key)}")
     require(0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1) (0: no weight EMA), got {cfg.ema_decay}")
     require(cfg.eps > 0, f"eps must be > 0, got {cfg.eps}")
