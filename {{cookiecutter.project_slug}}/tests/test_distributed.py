@@ -68,11 +68,14 @@ def probes(out_dir: Path, nproc: int = 2, output: str = "") -> list[dict]:
 def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monkeypatch, no_dropout, tmp_path):
     # The tests' task has sequences of different lengths: the ranks hold different numbers of tokens in
     # each step, and only weighting every token of both ranks alike equals one process.
+    # With a weight EMA (each rank averages the same weights: no collective) evaluated in both runs.
     common = ["precision=fp32", "max_steps=12", "warmup_steps=2", "accum_steps=2", "log_every=3",
-              "eval_every=6", "ckpt_every=6"]  # fmt: skip
+              "eval_every=6", "ckpt_every=6", "ema_decay=0.8"]  # fmt: skip
     out_dir = tmp_path / "ddp"
-    # A NaN loss on rank 1 alone, in step 5: its gradients reach rank 0 through DDP's all-reduce.
-    process = torchrun(out_dir, *common, "batch_size=16", env={"PROBE_NAN_AT": "1:5", "STAND_IN_DROPOUT": "0"})
+    # A NaN loss on rank 1 alone, in step 5: its gradients reach rank 0 through DDP's all-reduce. Steps 7 and 8
+    # profiled: a trace from each rank, and the same numbers.
+    process = torchrun(out_dir, *common, "batch_size=16", "profile_steps=7-8",
+                       env={"PROBE_NAN_AT": "1:5", "STAND_IN_DROPOUT": "0"})  # fmt: skip
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
     assert "batch:      64 samples per optimizer step = 16 x 2 accum x 2 process(es)" in output
@@ -120,6 +123,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(make_config, monke
         sent = [call.partition(":")[0] for calls in after.values() for call in calls]
         assert "gather_object" in sent and "all_gather_object" not in sent
     assert not list(out_dir.glob("*.tmp"))
+    assert sorted(path.name for path in (out_dir / "profile").iterdir()) == ["trace-rank0.json", "trace-rank1.json"]
 
 
 def test_sigterm_to_one_rank_stops_every_rank_and_resumes_in_one_process(make_config, tmp_path, caplog):

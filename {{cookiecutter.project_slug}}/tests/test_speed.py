@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import collections
+import json
+import logging
 import resource
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from {{ cookiecutter.package_name }} import train as train_module
+from {{ cookiecutter.package_name }}.essentials.config import ConfigError
 from {{ cookiecutter.package_name }}.machinery import progress as progress_module
 from {{ cookiecutter.package_name }}.machinery.speed import count_flops, peak_memory_mb
 from {{ cookiecutter.package_name }}.train import train
 
 from . import stand_in
-from .conftest import train_records
+from .conftest import assert_same_weights, checkpoint, run_records, train_records
 
 # Every way a tensor's value reaches Python (each forces a host-device sync on a GPU).
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__format__", "__repr__", "numpy")
@@ -56,8 +60,9 @@ def test_no_host_reads_between_log_steps(make_config, monkeypatch, precision):
         monkeypatch.setattr(torch.Tensor, name, counted(reads, getattr(torch.Tensor, name)))
     for name in ("tensor", "as_tensor"):
         monkeypatch.setattr(torch, name, counted(host_tensors, getattr(torch, name)))
+    # With the weight EMA on: its update is one more device operation per step, no read.
     train(make_config(f"precision={precision}", "max_steps=40", "warmup_steps=0", "log_every=10",
-                      "eval_every=1000", "ckpt_every=1000"))  # fmt: skip
+                      "eval_every=1000", "ckpt_every=1000", "ema_decay=0.99"))  # fmt: skip
     monkeypatch.undo()
     assert {s for s in reads if s % 10} == set(), f"reads at steps {sorted(reads.items())}"
     assert [reads[s] for s in (10, 20, 30)] == [1, 1, 1]  # one read per log interval
@@ -145,3 +150,27 @@ def test_peak_memory_is_in_mebibytes(monkeypatch):
     kib_or_bytes = 1000 * 2**20 if sys.platform == "darwin" else 1000 * 2**10
     monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=kib_or_bytes))
     assert peak_memory_mb(torch.device("cpu")) == 1000.0
+
+
+def test_profile_steps_traces_exactly_its_steps_and_changes_no_number(make_config, caplog):
+    caplog.set_level(logging.INFO)
+    run = ["max_steps=12", "warmup_steps=2", "log_every=2", "eval_every=6", "ckpt_every=6"]
+    plain = make_config(*run, name="plain")
+    train(plain)
+    traced = {}
+    for window in ("3-5", "11-12"):  # one inside the run, one that ends with it
+        cfg = make_config(*run, f"profile_steps={window}", name=f"profiled-{window}")
+        train(cfg)
+        assert run_records(cfg.out_dir) == run_records(plain.out_dir)
+        assert_same_weights(checkpoint(cfg.out_dir)["model"], checkpoint(plain.out_dir)["model"])
+        events = json.loads((Path(cfg.out_dir) / "profile" / "trace-rank0.json").read_text())["traceEvents"]
+        names = collections.Counter(event.get("name", "") for event in events)
+        traced[window] = sorted(name for name in names if name.startswith("ProfilerStep#"))
+        assert sum(count for name, count in names.items() if name.startswith("Optimizer.step#")) == len(traced[window])
+        assert names["aten::addmm"] > 0 and names["aten::embedding"] > 0  # torch's operators, with their shapes
+    assert traced == {"3-5": ["ProfilerStep#3", "ProfilerStep#4", "ProfilerStep#5"],
+                      "11-12": ["ProfilerStep#11", "ProfilerStep#12"]}  # fmt: skip
+    assert "profile of steps 11-12 written to" in caplog.text and "Self CPU time total" in caplog.text
+    for window, message in (("5-3", "profile_steps must be A-B"), ("3-13", "ends after max_steps")):
+        with pytest.raises(ConfigError, match=message):
+            make_config(*run, f"profile_steps={window}")

@@ -78,6 +78,7 @@ from .machinery import (  # what a run needs besides: processes, batches, the ru
     build_loaders,
     describe_run,
     distributed,
+    profiling,
     run_folder,
     workers_ended,
 )
@@ -269,7 +270,7 @@ def run(cfg: Config, process: distributed.Process, stop: StopRequest) -> dict[st
     start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
     # On every way out, an error's too: DataLoader workers are ended (they ignore SIGTERM: machinery/loader.py),
     # and a write of last in the background is committed.
-    with workers_ended(state.batches, val_loader), last.committed_at_exit():
+    with workers_ended(state.batches, val_loader), last.committed_at_exit(), profiling(cfg, process) as profiler:
         if state.eval_due:  # the evaluation a stop request cut short, done first, as the uninterrupted run did
             if validate(state, val_loader, process, precision, metrics_log, distributed.evaluation_agreement(process)):
                 save_best(best, state, process)
@@ -280,6 +281,7 @@ def run(cfg: Config, process: distributed.Process, stop: StopRequest) -> dict[st
         # While the bar is drawn, log lines are written above it instead of through it.
         with logging_redirect_tqdm() if progress.show_bar else contextlib.nullcontext():
             while state.step < cfg.max_steps:
+                profiler.step(state.step)  # profile_steps=A-B: a trace of steps A to B (machinery/profiler.py)
                 train_step(state, process, precision)
                 if state.step == start_step + 1:  # throughput from here on: the first step also started things up
                     progress.restart_window(state.step, outside_seconds)

@@ -96,6 +96,7 @@ class Config:
     monitor: str = "val_loss"  # the metric that decides best.pt, in the direction METRIC_GOALS (task.py) gives
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
     patience: int = 0  # early stopping: stop after this many evaluations without a new best monitor; 0: never
+    profile_steps: str = ""  # "A-B": a torch.profiler trace of optimizer steps A to B in out_dir/profile (profiler.py)
     progress: bool = True  # a progress bar when stdout is a terminal (plain log lines otherwise)
     tensorboard: bool = False  # also write scalars to out_dir/tensorboard (pip install -e '.[tensorboard]')
     tracker: str = "none"  # none, wandb or mlflow: also log to that experiment tracker (trackers.py)
@@ -324,6 +325,11 @@ def validate(cfg: Config) -> None:
         require(getattr(cfg, key) >= 0, f"{key} must be >= 0, got {getattr(cfg, key)}")
     require(cfg.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
     require(cfg.max_time_minutes >= 0, f"max_time_minutes must be >= 0 (0: no limit), got {cfg.max_time_minutes}")
+    window = profile_window(cfg.profile_steps)
+    require(
+        window is None or window[1] <= cfg.max_steps,
+        f"profile_steps {cfg.profile_steps} ends after max_steps ({cfg.max_steps})",
+    )
     for problem in check_task_config(cfg.task):
         raise ConfigError(problem)
 
@@ -345,6 +351,16 @@ def lr_multipliers(text: str) -> list[tuple[str, float]]:
             )
         pairs.append((prefix.strip(), value))
     return pairs
+
+
+def profile_window(text: str) -> tuple[int, int] | None:
+    """``"A-B"`` (profile_steps) as ``(A, B)``, the first and last optimizer step profiled; ``""`` as None."""
+    if not text:
+        return None
+    first, sep, last = text.partition("-")
+    if not (sep and first.strip().isdigit() and last.strip().isdigit() and 1 <= int(first) <= int(last)):
+        raise ConfigError(f"profile_steps must be A-B, the first and last optimizer step (1 <= A <= B), got '{text}'")
+    return int(first), int(last)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -6,6 +6,7 @@ state.py        the state of a run (TrainState), which checkpoints save whole, a
 run_folder.py   out_dir: resume or start, config.yaml, the run's end
 signals.py      stop requests: SIGTERM, Ctrl-C, the time limit
 progress.py     the start block, the progress bar, the summary
+profiler.py     profile_steps: a torch.profiler trace of a few steps
 speed.py        tokens/s, peak memory, MFU
 metrics.py      metrics.jsonl and TensorBoard
 trackers.py     wandb and MLflow
@@ -16,6 +17,7 @@ The loop (train.py) imports the few names below; nothing here needs editing to c
 
 from . import distributed, run_folder
 from .loader import build_loaders, stream_part, workers_ended
+from .profiler import profiling
 from .progress import Progress, describe_run
 from .signals import StopRequest
 from .speed import Speed
@@ -32,6 +34,7 @@ __all__ = [
     "build_loaders",
     "describe_run",
     "distributed",
+    "profiling",
     "run_folder",
     "stream_part",
     "workers_ended",
