@@ -44,6 +44,7 @@ DEPTH = int(os.environ.get("STAND_IN_DEPTH", "0"))  # residual MLP blocks betwee
 # The training set as a stream (an IterableDataset): "plain", without state_dict; "stateful", with it. "": map-style.
 STREAM = os.environ.get("STAND_IN_STREAM", "")
 VAL_STREAM = bool(os.environ.get("STAND_IN_VAL_STREAM"))  # the validation set as a stream too (SequenceParts)
+TWO_VAL_SETS = bool(os.environ.get("STAND_IN_TWO_VAL_SETS"))  # two validation sets by name: same, shifted
 
 # The loop settings of every guarantee test, before its own: none is left to config.py's defaults or
 # to configs/*.yaml, which are yours to change.
@@ -155,11 +156,27 @@ class SequenceParts(IterableDataset):
         return (self.sequences[index] for index in range(part, len(self.sequences), parts))
 
 
-def build_datasets(cfg) -> tuple[Dataset, Dataset]:
+class Shifted(Dataset):
+    """A validation set off the training distribution: every input token one higher (the rule no longer holds)."""
+
+    def __init__(self, sequences: Sequences):
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.sequences[index]
+        return (inputs + 1) % VOCAB, targets
+
+
+def build_datasets(cfg) -> tuple[Dataset, Dataset | dict[str, Dataset]]:
     generator = torch.Generator().manual_seed(cfg.seed)
     train_set, val_set = Sequences(TRAIN_SIZE, generator), Sequences(VAL_SIZE, generator)
     if STREAM:
         train_set = {"plain": SequenceStream, "stateful": StatefulSequenceStream}[STREAM](train_set, cfg.seed)
+    if TWO_VAL_SETS:  # by name: an in-distribution set and a shifted one
+        return train_set, {"same": val_set, "shifted": Shifted(val_set)}
     return train_set, SequenceParts(val_set) if VAL_STREAM else val_set
 
 

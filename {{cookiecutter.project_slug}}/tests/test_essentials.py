@@ -25,6 +25,7 @@ from {{ cookiecutter.package_name }}.essentials.schedule import build_scheduler,
 from {{ cookiecutter.package_name }}.essentials.validation import evaluate
 from {{ cookiecutter.package_name }}.evaluate import evaluate_checkpoint
 from {{ cookiecutter.package_name }}.machinery.loader import ShardSampler
+from {{ cookiecutter.package_name }}.machinery.metrics import read_metrics, tag
 from {{ cookiecutter.package_name }}.train import main, train
 
 from . import stand_in
@@ -377,6 +378,29 @@ def test_best_pt_is_never_written_in_a_streak_of_bad_steps_even_when_the_metric_
     assert not (Path(cfg.out_dir) / "best.pt").exists()
 
 
+def test_two_validation_sets_are_each_evaluated_and_the_monitor_names_one(make_config, monkeypatch, capsys):
+    monkeypatch.setattr(stand_in, "TWO_VAL_SETS", True)
+    cfg = make_config("max_steps=30", "eval_every=10", "ckpt_every=10", "monitor=shifted/val_loss")
+    train(cfg)
+    records = [r for r in read_metrics(Path(cfg.out_dir) / "metrics.jsonl") if "shifted/val_loss" in r]
+    metrics = ("val_loss", "val_acc", "val_class_acc")
+    names = ["step", *(f"{name}/{metric}" for name in ("same", "shifted") for metric in metrics)]
+    assert [sorted(r) for r in records] == [sorted(names)] * 3
+    assert all(r["same/val_loss"] < r["shifted/val_loss"] for r in records)  # off the training distribution
+    best = min(records, key=lambda r: r["shifted/val_loss"])
+    last = checkpoint(cfg.out_dir)
+    assert (last["best_metric"], last["best_step"]) == (best["shifted/val_loss"], best["step"])
+    measured = evaluate_checkpoint(Path(cfg.out_dir) / "best.pt")  # evaluate reports every set
+    assert measured.keys() == best.keys() - {"step"}
+    assert all(measured[name] == pytest.approx(best[name], rel=1e-6) for name in measured)
+    assert tag("val", "shifted/val_acc") == "val/shifted/acc" and tag("val", "val_acc") == "val/acc"  # TensorBoard's
+    capsys.readouterr()
+    refused = {"val_loss": "say whose, e.g. monitor=same/val_loss", "x/val_loss": "returned same, shifted"}
+    for monitor, message in refused.items():
+        assert main(cli(make_config(name=monitor.replace("/", "-")).out_dir, f"monitor={monitor}")) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_best_checkpoint_is_replaced_only_on_improvement(make_config, monkeypatch):
     scripted = iter([0.5, 0.3, 0.4, 0.2, 0.6])
     monkeypatch.setattr(validation_module, "evaluate", lambda *a, **k: {"val_loss": next(scripted), "val_acc": 0.0})
@@ -415,9 +439,9 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights(make_config, mon
     models, seen = [], []
     real_build = train_module.build_optimizer
 
-    def spy(model, cfg, device):
+    def spy(model, *args):
         models.append(model)
-        return real_build(model, cfg, device)
+        return real_build(model, *args)
 
     monkeypatch.setattr(train_module, "build_optimizer", spy)
     # The weights the new run starts from: those its first optimizer step sees.

@@ -181,10 +181,12 @@ def test_an_empty_part_of_an_iterable_validation_set_is_one_line(make_config, mo
     another_without = SimpleNamespace(agree_max_each=lambda values: [values[0], 1, 1])
     monkeypatch.setattr(stand_in, "VAL_STREAM", True)
     cfg = make_config()
-    _, val_loader = build_loaders(cfg, *stand_in.build_datasets(cfg), Process())
+    _, val_loaders = build_loaders(cfg, *stand_in.build_datasets(cfg), Process())
     go_on = evaluation_agreement(another_without)
     with pytest.raises(ConfigError, match="^a process had no validation batch: every process's part of an iterable"):
-        evaluate(stand_in.build_model(cfg), val_loader, torch.device("cpu"), Precision("fp32", "cpu"), cfg.task, go_on)
+        evaluate(
+            stand_in.build_model(cfg), val_loaders[""], torch.device("cpu"), Precision("fp32", "cpu"), cfg.task, go_on
+        )
 
 
 class Draws(IterableDataset):

@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from {{ cookiecutter.package_name }}.data import build_datasets
 from {{ cookiecutter.package_name }}.essentials.config import load_config
 from {{ cookiecutter.package_name }}.essentials.precision import Precision
-from {{ cookiecutter.package_name }}.essentials.validation import evaluate
+from {{ cookiecutter.package_name }}.essentials.validation import evaluate_sets, monitor_goal
+from {{ cookiecutter.package_name }}.machinery.distributed import Process
+from {{ cookiecutter.package_name }}.machinery.loader import build_loaders
 from {{ cookiecutter.package_name }}.machinery.metrics import read_metrics
 from {{ cookiecutter.package_name }}.model import build_model
 from {{ cookiecutter.package_name }}.task import METRIC_GOALS, compute_loss, compute_metrics, metric_totals
@@ -101,12 +103,11 @@ def test_model_py_and_task_py_load_without_the_rest_of_the_project():
 
 def test_smoke_training_learns(smoke):
     cfg, untrained, _, _ = smoke
-    _, val_set = build_datasets(cfg)
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size)
-    before = evaluate(untrained, val_loader, torch.device("cpu"), Precision("fp32", "cpu"), cfg.task)
+    _, val_loaders = build_loaders(cfg, *build_datasets(cfg), Process())  # one validation set, or several
+    before = evaluate_sets(untrained, val_loaders, torch.device("cpu"), Precision("fp32", "cpu"), cfg.task)
     summary = train(cfg)
     losses = [r["loss"] for r in read_metrics(Path(cfg.out_dir) / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < losses[0], losses
     # Better than the untrained model on the validation set (raise the bar to what your task reaches).
     after = summary["metrics"][cfg.monitor]
-    assert after < before[cfg.monitor] if METRIC_GOALS[cfg.monitor] == "min" else after > before[cfg.monitor]
+    assert after < before[cfg.monitor] if monitor_goal(cfg) == "min" else after > before[cfg.monitor]

@@ -18,7 +18,7 @@ from .data import build_datasets
 from .essentials.checkpoint import CheckpointError, load_checkpoint, load_weights
 from .essentials.config import ConfigError, apply_overrides, config_from_dict, parse_overrides, validate
 from .essentials.precision import resolve_device, resolve_precision
-from .essentials.validation import evaluate
+from .essentials.validation import evaluate_sets
 from .machinery.distributed import Process
 from .machinery.loader import build_loaders, workers_ended
 from .model import build_model
@@ -42,10 +42,10 @@ def evaluate_state(state: dict, path: str | Path, overrides: list[str] | None = 
     model = build_model(cfg)
     load_weights(model, state, path)  # a file, or parallel=fsdp's sharded last, read whole into this process
     model.to(device)
-    train_set, val_set = build_datasets(cfg)
-    _, val_loader = build_loaders(cfg, train_set, val_set, Process(device=device))
-    with workers_ended(val_loader):  # after an error too (machinery/loader.py)
-        return evaluate(model, val_loader, device, precision, cfg.task)
+    train_set, val_sets = build_datasets(cfg)
+    _, val_loaders = build_loaders(cfg, train_set, val_sets, Process(device=device))
+    with workers_ended(*val_loaders.values()):  # after an error too (machinery/loader.py)
+        return evaluate_sets(model, val_loaders, device, precision, cfg.task)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ def best_step(evals: list[dict[str, Any]], out_dir: Path) -> tuple[str, int] | N
     except (OSError, yaml.YAMLError):
         return None
     monitor = cfg.get("monitor")
-    goal = METRIC_GOALS.get(monitor)
+    goal = METRIC_GOALS.get(str(monitor).rpartition("/")[2])  # a named validation set's: SET/METRIC
     seen = [r for r in evals if isinstance(r.get(monitor), (int, float))]
     if not seen or goal is None:
         return None

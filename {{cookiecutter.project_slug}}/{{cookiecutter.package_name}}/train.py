@@ -53,6 +53,7 @@ from .essentials import (  # the lesson: essentials/, each essential in the file
     allow_tf32,
     build_optimizer,
     build_scheduler,
+    check_monitor,
     clip_gradients,
     fit_first_scale,
     hidden_matrices,
@@ -197,9 +198,10 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 def set_up(
     cfg: Config, process: distributed.Process, precision: Precision
-) -> tuple[TrainState, DataLoader, Path | None]:
+) -> tuple[TrainState, dict[str, DataLoader], Path | None]:
     """The state of the run (fresh, resumed from a checkpoint, or started from one's weights), the validation
-    data, and the checkpoint it resumed from, if any. Everything is checked before any file is written."""
+    data (a loader per set), and the checkpoint it resumed from, if any. Everything is checked before any file
+    is written."""
     seed_everything(cfg.seed)  # 2. Seed: once, first; the same initial weights on every rank
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -207,7 +209,7 @@ def set_up(
     monitor_goal(cfg)
     resume_from, init_from = run_folder.choose_start(cfg, process)
     saved = read_on_every_rank(resume_from or init_from, process)  # before anything is built: it may not be readable
-    train_set, val_set = build_datasets(cfg)
+    train_set, val_sets = build_datasets(cfg)  # val_sets: one validation set, or several by name
 {%- if cookiecutter.loop == "plain" %}
     # Built in CPU memory, then on the device; under torchrun in DDP, or sharded (parallel=fsdp: rank 0 builds it,
     # the others only their shards; by blocks in model.py, so that no GPU holds the whole model); the optimizer.
@@ -226,7 +228,8 @@ def set_up(
     # Accelerate's GradScaler for fp16 on a GPU; otherwise one that does nothing (checkpoints hold its state).
     scaler = process.accelerator.scaler or torch.amp.GradScaler(process.device.type, enabled=False)
 {%- endif %}
-    batches, val_loader = build_loaders(cfg, train_set, val_set, process)
+    batches, val_loaders = build_loaders(cfg, train_set, val_sets, process)
+    check_monitor(cfg, val_loaders)
     if process.has_peers:
         seed_everything(cfg.seed + process.rank)  # each rank its own dropout/augmentation stream
     if cfg.compile:
@@ -238,7 +241,7 @@ def set_up(
         restore_training(resume_from, saved, state, process)
     elif init_from is not None:  # fine-tuning: only the weights; optimizer, schedule and step start afresh
         load_weights(model, saved, init_from)
-    return state, val_loader, resume_from
+    return state, val_loaders, resume_from
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -258,7 +261,7 @@ def run(cfg: Config, process: distributed.Process, stop: StopRequest) -> dict[st
     """Set up; then the loop: one train_step per optimizer step, and between steps whatever is due."""
     started = time.perf_counter()
     precision = resolve_precision(cfg.precision, process.device)
-    state, val_loader, resumed_from = set_up(cfg, process, precision)
+    state, val_loaders, resumed_from = set_up(cfg, process, precision)
     metrics_log = run_folder.open_run_folder(state, process, resumed=resumed_from is not None)
     resumed = f"resumed from {resumed_from} at step {state.step}" if resumed_from else ""
     describe_run(cfg, process.device, precision.name, sum(p.numel() for p in state.params), process.world_size, resumed)
@@ -270,12 +273,13 @@ def run(cfg: Config, process: distributed.Process, stop: StopRequest) -> dict[st
     start_step, stop_reason, outside_seconds = state.step, 0, 0.0  # outside: evaluating and saving
     # On every way out, an error's too: DataLoader workers are ended (they ignore SIGTERM: machinery/loader.py),
     # and a write of last in the background is committed.
-    with workers_ended(state.batches, val_loader), last.committed_at_exit(), profiling(cfg, process) as profiler:
+    loaders = (state.batches, *val_loaders.values())
+    with workers_ended(*loaders), last.committed_at_exit(), profiling(cfg, process) as profiler:
         if state.eval_due:  # the evaluation a stop request cut short, done first, as the uninterrupted run did
-            if validate(state, val_loader, process, precision, metrics_log, distributed.evaluation_agreement(process)):
+            if validate(state, val_loaders, process, precision, metrics_log, distributed.evaluation_agreement(process)):
                 save_best(best, state, process)
         state.model.train()
-        speed = Speed(cfg, process.device, val_loader, build_model, compute_loss)  # tokens/s, memory, mfu
+        speed = Speed(cfg, process.device, val_loaders, build_model, compute_loss)  # tokens/s, memory, mfu
         global_batch = cfg.batch_size * cfg.accum_steps * process.world_size
         progress = Progress(cfg, state.step, global_batch, process.is_main, speed)
         # While the bar is drawn, log lines are written above it instead of through it.
@@ -305,7 +309,7 @@ def run(cfg: Config, process: distributed.Process, stop: StopRequest) -> dict[st
                 paused = time.perf_counter()
                 # 6. Validation + best checkpoint: best.pt is replaced only when the monitored metric improves.
                 if do_eval:
-                    improved = validate(state, val_loader, process, precision, metrics_log, evaluating_together)
+                    improved = validate(state, val_loaders, process, precision, metrics_log, evaluating_together)
                     if improved:
                         save_best(best, state, process)
                     elif improved is None:  # abandoned: the ranks agreed on a stop request

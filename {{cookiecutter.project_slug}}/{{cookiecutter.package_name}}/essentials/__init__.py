@@ -28,7 +28,7 @@ from .optimizer import build_optimizer, hidden_matrices, optimizer_step
 from .precision import Precision, allow_tf32, fit_first_scale, resolve_precision
 from .schedule import build_scheduler
 from .seed import seed_everything
-from .validation import monitor_goal, validate
+from .validation import check_monitor, monitor_goal, validate
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +39,7 @@ __all__ = [
     "WeightEMA",
     "allow_tf32",
     "build_optimizer",
+    "check_monitor",
     "build_scheduler",
     "clip_gradients",
     "fit_first_scale",

@@ -2,8 +2,10 @@
 
 ``evaluate`` is the one evaluation code path: the training loop calls it (through
 ``validate``, every ``eval_every`` steps and at the end), and so does
-``python -m {{ cookiecutter.package_name }}.evaluate --checkpoint OUT_DIR/best.pt``. ``validate`` says
-whether ``cfg.monitor`` improved, so that the loop replaces ``best.pt`` (checkpoint.py).
+``python -m {{ cookiecutter.package_name }}.evaluate --checkpoint OUT_DIR/best.pt``, for each validation set
+(``evaluate_sets``: build_datasets may return several, by name; their metrics are named
+``NAME/METRIC``, e.g. ``shifted/val_loss``). ``validate`` says whether ``cfg.monitor`` improved, so
+that the loop replaces ``best.pt`` (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -108,6 +110,40 @@ def evaluate(
     return dict(zip(metrics, values.tolist(), strict=True))
 
 
+def evaluate_sets(
+    model: nn.Module,
+    loaders: dict[str, DataLoader],
+    device: torch.device,
+    precision: Precision,
+    task: TaskConfig,
+    agreement: Callable[[bool, int], str] = alone,
+) -> dict[str, float] | None:
+    """``evaluate`` on each validation set, one after the other: their metrics, each named ``SET/METRIC`` (the
+    one set build_datasets returned alone: ``METRIC``). None when a stop request abandoned one."""
+    metrics = {}
+    for name, loader in loaders.items():
+        measured = evaluate(model, loader, device, precision, task, agreement)
+        if measured is None:
+            return None
+        metrics.update({f"{name}/{metric}" if name else metric: value for metric, value in measured.items()})
+    return metrics
+
+
+def check_monitor(cfg: Config, loaders: dict[str, DataLoader]) -> None:
+    """``cfg.monitor`` names one of the validation sets' metrics (checked before anything is trained)."""
+    names = [name for name in loaders if name]
+    if names and "/" not in cfg.monitor:
+        raise ConfigError(
+            f"monitor '{cfg.monitor}': build_datasets returned {len(loaders)} validation sets ({', '.join(names)}); "
+            f"say whose, e.g. monitor={names[0]}/{cfg.monitor}"
+        )
+    if cfg.monitor.rpartition("/")[0] not in loaders:
+        raise ConfigError(
+            f"monitor '{cfg.monitor}' names a validation set build_datasets did not return; it returned "
+            f"{', '.join(names) or 'one set, without a name (monitor names its metric alone)'}"
+        )
+
+
 def layout_problem(totals: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], index: int) -> str:
     """What differs between a batch's totals and those added up so far ("" when nothing does, or at first)."""
     seen, new = ({name: tuple(value.shape) for name, value in d.items()} for d in (totals, batch))
@@ -139,12 +175,14 @@ def sum_over_processes(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def monitor_goal(cfg: Config) -> str:
-    """``min`` or ``max``: which way ``cfg.monitor`` improves, as task.py declares (checked before writing)."""
-    if cfg.monitor not in METRIC_GOALS:
+    """``min`` or ``max``: which way ``cfg.monitor`` (``METRIC``, or ``SET/METRIC``) improves, as task.py declares
+    (checked before writing)."""
+    metric = cfg.monitor.rpartition("/")[2]
+    if metric not in METRIC_GOALS:
         raise ConfigError(f"monitor '{cfg.monitor}' is not a metric of task.py; choose one of {sorted(METRIC_GOALS)}")
-    goal = METRIC_GOALS[cfg.monitor]
+    goal = METRIC_GOALS[metric]
     if goal not in ("min", "max"):
-        raise ConfigError(f"METRIC_GOALS in task.py says {goal!r} for {cfg.monitor}: it must be 'min' or 'max'")
+        raise ConfigError(f"METRIC_GOALS in task.py says {goal!r} for {metric}: it must be 'min' or 'max'")
     return goal
 
 
@@ -156,19 +194,19 @@ def is_better(value: float, best: float | None, goal: str) -> bool:
 
 def validate(
     state: TrainState,
-    val_loader: DataLoader,
+    val_loaders: dict[str, DataLoader],
     process: Process,
     precision: Precision,
     metrics_log: MetricsLog,
     agreement: Callable[[bool, int], str],
 ) -> bool | None:
-    """Evaluate, record, and say whether ``best.pt`` is due (``cfg.monitor`` improved).
+    """Evaluate each validation set, record, and say whether ``best.pt`` is due (``cfg.monitor`` improved).
 
     ``agreement``: ``evaluation_agreement``. None: a stop request abandoned the evaluation (see ``evaluate``);
     the run saves and stops, and its resumption evaluates this step first.
     """
     with state.ema.swapped_in():  # ema_decay: the weights' average is what is measured
-        metrics = evaluate(state.model, val_loader, process.device, precision, state.cfg.task, agreement)
+        metrics = evaluate_sets(state.model, val_loaders, process.device, precision, state.cfg.task, agreement)
     state.eval_due = metrics is None
     if metrics is None:
         return None

@@ -319,35 +319,43 @@ class StreamBatches:
 
 
 def build_loaders(
-    cfg: Config, train_set: Dataset, val_set: Dataset, process: Process
-) -> tuple[BatchStream | StreamBatches, DataLoader]:
-    """The training batches (endless, resumable) and the validation loader of this process (``process``)."""
+    cfg: Config, train_set: Dataset, val_sets: Dataset | dict[str, Dataset], process: Process
+) -> tuple[BatchStream | StreamBatches, dict[str, DataLoader]]:
+    """The training batches (endless, resumable) and the validation loaders of this process (``process``): one
+    per validation set, by its name ("" for the one set build_datasets returned alone)."""
     common = dict(
         num_workers=cfg.num_workers,
         pin_memory=process.device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
         worker_init_fn=init_worker if cfg.num_workers > 0 else None,
     )
-    limit = cfg.max_eval_batches * cfg.batch_size  # samples per process; 0: all
-    if isinstance(val_set, IterableDataset):  # it reads its own part (stream_part), in the same order each time
-        val_set = FirstSamples(val_set, limit) if limit else val_set
-        val_sampler = None
-    elif len(val_set) < process.world_size:
+    val_sets = val_sets if isinstance(val_sets, dict) else {"": val_sets}
+    if not val_sets or not all(isinstance(name, str) and "/" not in name for name in val_sets):
         raise ConfigError(
-            f"the validation set has {len(val_set)} sample(s), fewer than the {process.world_size} process(es) "
-            "that each evaluate a part of it"
+            f"build_datasets returned validation sets named {list(val_sets)}: name each with a string, without '/'"
         )
-    else:
-        val_sampler = ShardSampler(len(val_set), process.rank, process.world_size, limit)
-    # Its own generator too: a DataLoader without one draws worker seeds from the global
-    # RNG, so evaluating would shift the dropout stream of training.
-    val_loader = DataLoader(
-        val_set, batch_size=cfg.batch_size, sampler=val_sampler, generator=torch.Generator(), **common
-    )
+    limit = cfg.max_eval_batches * cfg.batch_size  # samples per process; 0: all
+    val_loaders = {}
+    for name, val_set in val_sets.items():
+        if isinstance(val_set, IterableDataset):  # it reads its own part (stream_part), in the same order each time
+            val_set = FirstSamples(val_set, limit) if limit else val_set
+            val_sampler = None
+        elif len(val_set) < process.world_size:
+            raise ConfigError(
+                f"the validation set{f' {name}' if name else ''} has {len(val_set)} sample(s), fewer than the "
+                f"{process.world_size} process(es) that each evaluate a part of it"
+            )
+        else:
+            val_sampler = ShardSampler(len(val_set), process.rank, process.world_size, limit)
+        # Its own generator too: a DataLoader without one draws worker seeds from the global
+        # RNG, so evaluating would shift the dropout stream of training.
+        val_loaders[name] = DataLoader(
+            val_set, batch_size=cfg.batch_size, sampler=val_sampler, generator=torch.Generator(), **common
+        )
     if isinstance(train_set, IterableDataset):  # batched by SeededStream itself (batch_size=None)
         stream = SeededStream(train_set, cfg.batch_size, cfg.seed, process.rank)
         loader = DataLoader(stream, batch_size=None, generator=torch.Generator(), **common)
-        return StreamBatches(loader, process), val_loader
+        return StreamBatches(loader, process), val_loaders
     sampler = ResumableSampler(train_set, seed=cfg.seed, num_replicas=process.world_size, rank=process.rank)
     if len(sampler) // cfg.batch_size < 1:
         raise ConfigError(
@@ -361,4 +369,4 @@ def build_loaders(
         generator=torch.Generator(),
         **common,
     )
-    return BatchStream(train_loader, sampler, cfg.batch_size, cfg.seed, process.rank), val_loader
+    return BatchStream(train_loader, sampler, cfg.batch_size, cfg.seed, process.rank), val_loaders

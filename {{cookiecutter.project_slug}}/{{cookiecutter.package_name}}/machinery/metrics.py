@@ -19,6 +19,13 @@ def require_tensorboard() -> None:
         ) from None
 
 
+def tag(group: str, key: str) -> str:
+    """A record's key as TensorBoard and trackers show it: ``val_acc`` as ``val/acc``, ``shifted/val_acc`` (a named
+    validation set's) as ``val/shifted/acc``."""
+    validation_set, _, metric = key.rpartition("/")
+    return "/".join(filter(None, (group, validation_set, metric.removeprefix(group + "_"))))
+
+
 class MetricsLog:
     """Appends records to ``metrics.jsonl``; ``enabled=False`` (every rank but 0 under torchrun) writes nothing."""
 
@@ -29,7 +36,8 @@ class MetricsLog:
 
     def add_tensorboard(self, folder: Path, first_step: int) -> None:
         """Also write every number as a TensorBoard scalar, from ``first_step`` on: training records'
-        under train/ (train/loss, train/lr...), evaluation records' under val/ (val_acc as val/acc)."""
+        under train/ (train/loss, train/lr...), evaluation records' under val/ (val_acc as val/acc; a named
+        validation set's shifted/val_acc as val/shifted/acc)."""
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: on resume, TensorBoard drops what an interrupted run wrote past the checkpoint.
@@ -42,13 +50,11 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {
-            f"{group}/{key.removeprefix(group + '_')}": value
-            for key, value in record.items()
-            if key != "step" and isinstance(value, (int, float))
+            tag(group, key): value for key, value in record.items() if key != "step" and isinstance(value, (int, float))
         }
         if self.tensorboard is not None:
-            for tag, value in scalars.items():
-                self.tensorboard.add_scalar(tag, value, record["step"])
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, record["step"])
         if self.tracker is not None:
             self.tracker.log(scalars, record["step"])
 

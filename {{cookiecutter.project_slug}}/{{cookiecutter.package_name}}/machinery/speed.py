@@ -65,12 +65,13 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 class Speed:
     """The cost figures of a train record, from its steps per second and mean terms per step. The FLOPs of a
-    step are counted (on the first batch of ``val_loader``) only when ``cfg.peak_flops`` is set."""
+    step are counted (on the first batch of the first of ``val_loaders``) only when ``cfg.peak_flops`` is set."""
 
-    def __init__(self, cfg: Any, device: torch.device, val_loader: Any, build_model: Callable, compute_loss: Callable):
+    def __init__(self, cfg: Any, device: torch.device, val_loaders: Any, build_model: Callable, compute_loss: Callable):
         self.device, self.peak_flops, self.flops_per_step = device, cfg.peak_flops, None
         if cfg.peak_flops:
-            flops = count_flops(build_model, cfg, next(iter(val_loader)), compute_loss)
+            first_batch = next(iter(next(iter(val_loaders.values()))))
+            flops = count_flops(build_model, cfg, first_batch, compute_loss)
             self.flops_per_step = flops and flops * cfg.accum_steps  # per process: its micro-batches
 
     def measure(self, steps_per_second: float, terms_per_step: float) -> dict[str, float]:
