@@ -14,7 +14,9 @@ in interleaved rounds (a b c a b c ...). Training speed is the median steps per
 second; the generated loops' time excludes evaluation and checkpoint writing,
 which are measured apart (plain project; the accelerate one shares that code): its
 evaluation against a bare no_grad forward loop over the same batches, and its
-atomic best.pt save against a plain torch.save. Start-up is the median wall time
+atomic best.pt save against a plain torch.save. The recipes are timed on the
+transformer: the plain project's time per step with ema_decay and with
+optimizer=muon against AdamW alone, interleaved. Start-up is the median wall time
 of `python -m <package>.train` for one step, and of importing the loop, for each
 project; code lines are counted per essential (loc.py).
 Prints tables and one JSON line.
@@ -105,16 +107,19 @@ def main() -> int:
                     results.append(row)
         # Evaluation and saving take a fraction of a second: more rounds for a steadier median.
         extras = measure_eval_and_save(mods, TASKS["transformer"], device, 3 * rounds, Path(tmp))
+        transformer = TASKS["transformer"]
+        extras["recipes"] = measure_recipes(mods, transformer, device, max(2, transformer.steps // divisor),
+                                            rounds * transformer.rounds_multiplier, Path(tmp))  # fmt: skip
         extras["startup"] = measure_startup(projects, 1 if args.smoke else 5, Path(tmp), warm_up=not args.smoke)
         extras["code_lines"] = {loop: code_lines_by_essential(path) for loop, path in projects.items()}
     report(results, extras, device)
     return 0
 
 
-def make_config(mods, task, device, precision: str, accum: int, steps: int, out_dir: Path):
+def make_config(mods, task, device, precision: str, accum: int, steps: int, out_dir: Path, *extra: str):
     overrides = [f"out_dir={out_dir}", f"device={device.type}", f"precision={precision}", f"accum_steps={accum}",
                  f"max_steps={steps}", f"warmup_steps={min(10, steps)}", "log_every=50", f"eval_every={steps}",
-                 f"ckpt_every={max(1, steps // 2)}", "clip_grad_norm=1.0", *task.overrides]  # fmt: skip
+                 f"ckpt_every={max(1, steps // 2)}", "clip_grad_norm=1.0", *task.overrides, *extra]  # fmt: skip
     return mods["config"].load_config(None, overrides)
 
 
@@ -245,6 +250,32 @@ def measure_training(mods, task, device, precision, accum, steps, rounds, tmp: P
     return row
 
 
+RECIPES = {"adamw": (), "ema_decay=0.999": ("ema_decay=0.999",), "optimizer=muon": ("optimizer=muon",)}
+
+
+def measure_recipes(mods, task, device, steps: int, rounds: int, tmp: Path) -> dict:
+    """The generated loop's time per step with a weight EMA, and with Muon, against AdamW alone (fp32, one
+    micro-batch), in interleaved rounds; and the memory the EMA holds: one copy of the trainable weights."""
+    seconds = {name: [] for name in RECIPES}
+    for i in range(rounds + 1):  # round 0 warms up
+        for name, extra in RECIPES.items():
+            cfg = make_config(mods, task, device, "fp32", 1, steps, tmp / f"recipe-{i}-{name}", *extra)
+            per_second = generated_loop(mods, task, cfg)
+            if i:
+                seconds[name].append(1 / per_second)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    cfg = make_config(mods, task, device, "fp32", 1, steps, tmp / "x")
+    model = part(mods, task, "build_model")(cfg)
+    ema_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    print(f"  {task.name:11s} recipes: " + ", ".join(f"{n} {median[n] * 1e3:.1f} ms" for n in median), file=sys.stderr)
+    return {
+        "task": task.name, "rounds": rounds, "steps": steps,
+        "ms_per_step": {name: round(value * 1e3, 2) for name, value in median.items()},
+        "ratio_to_adamw": {name: round(value / median["adamw"], 3) for name, value in median.items()},
+        "ema_mb": round(ema_bytes / 2**20, 2),
+    }  # fmt: skip
+
+
 def measure_eval_and_save(mods, task, device, rounds, tmp: Path) -> dict:
     """The generated evaluate() against a bare no_grad forward loop; save_checkpoint against torch.save."""
     import torch
@@ -257,7 +288,8 @@ def measure_eval_and_save(mods, task, device, rounds, tmp: Path) -> dict:
     model.load_state_dict(state["model"])
     train_set, val_set = part(mods, task, "build_datasets")(cfg)
     alone = mods["distributed"].Process(device=device)
-    _, val_loader = mods["loader"].build_loaders(cfg, train_set, val_set, alone)
+    _, val_loaders = mods["loader"].build_loaders(cfg, train_set, val_set, alone)
+    val_loader = val_loaders[""]  # the task's one validation set
     precision = mods["precision"].resolve_precision("fp32", device)
 
     def bare_eval() -> None:
@@ -328,6 +360,13 @@ def report(rows: list[dict], extras: dict, device) -> None:
     print(f"best.pt save ({extras['checkpoint_mb']} MB, atomic + fsync): {extras['save_seconds'] * 1e3:.1f} ms vs "
           f"torch.save {extras['torch_save_seconds'] * 1e3:.1f} ms: {extras['save_ratio']:.3f}x "
           f"(target <= {SAVE_TARGET})")  # fmt: skip
+    recipes = extras["recipes"]
+    recipe_rounds = recipes["rounds"]
+    print(f"\nrecipes on the {recipes['task']} (fp32, 1 micro-batch), median ms per step of {recipe_rounds} rounds:")
+    print("| setting | ms per step | / adamw |")
+    for name, ms in recipes["ms_per_step"].items():
+        print(f"| {name} | {ms:.1f} | {recipes['ratio_to_adamw'][name]:.3f} |")
+    print(f"the weight EMA holds {recipes['ema_mb']} MB more: one copy of the trainable weights")
     print("\nstart-up, median wall seconds: | loop | import the loop | a 1-step run (smoke config) |")
     for loop, times in extras["startup"].items():
         print(f"| {loop} | {times['import']:.2f} | {times['one_step']:.2f} |")

@@ -31,6 +31,10 @@ def test_benchmark_smoke_run_reports_every_setting(tmp_path):
         ratio = row["accelerate_steps_per_s"] / row["bare_steps_per_s"]
         assert row["accelerate_ratio"] == pytest.approx(ratio, rel=0.05)
     assert report["eval_ratio"] > 0 and report["save_ratio"] > 0 and report["checkpoint_mb"] > 1
+    recipes = report["recipes"]  # the weight EMA's and Muon's cost per step, against AdamW alone
+    assert set(recipes["ms_per_step"]) == {"adamw", "ema_decay=0.999", "optimizer=muon"}, recipes
+    assert all(ms > 0 for ms in recipes["ms_per_step"].values()) and recipes["ratio_to_adamw"]["adamw"] == 1.0
+    assert recipes["ema_mb"] > 0
     assert "| mlp | fp32 | 1 |" in result.stdout
     # Start-up and code lines, for both loops: the accelerate loop's clipping is one call to Accelerate's.
     assert set(report["startup"]) == set(report["code_lines"]) == {"plain", "accelerate"}

@@ -10,6 +10,7 @@ only collects (the suite itself runs in test_bake.py). Python snippets must comp
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -200,3 +201,31 @@ def test_a_readme_streaming_example_trains_and_resumes_exactly(tmp_path, user_co
     assert whole["step"] == resumed["step"] == 12
     for name, weights in whole["model"].items():
         assert torch.equal(weights, resumed["model"][name]), name
+
+
+def test_the_several_validation_sets_example_trains_evaluates_each_and_monitors_one(tmp_path, user_config):
+    project = bake(tmp_path, user_config, run_smoke_test=False)
+    package = project.name.replace("-", "_")
+    section = pages(project)["docs/your-task.md"].split("\n## Several validation sets", 1)[1].split("\n## ", 1)[0]
+    (example,) = blocks(section, "python")
+    data = project / package / "data.py"
+    text = data.read_text()
+    data.write_text(text[: text.index("def build_datasets")] + example)  # the example's build_datasets in place
+    lint = run_in(project, "ruff", "check", str(data))
+    assert lint.returncode == 0, lint.stdout
+    out_dir = tmp_path / "run"
+    trained = run_in(project, f"{package}.train", "--config", "configs/smoke.yaml", f"out_dir={out_dir}",
+                     "monitor=shifted/val_acc", *SHORT_RUN.split())  # fmt: skip
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "shifted/val_acc" in r]
+    assert len(evaluations) == 3 and all("in_dist/val_loss" in r for r in evaluations)
+    assert "best shifted/val_acc:" in trained.stdout
+    report = run_in(project, f"{package}.evaluate", "--checkpoint", str(out_dir / "best.pt"))
+    assert report.returncode == 0, report.stderr
+    assert [line.split(":")[0] for line in report.stdout.splitlines()] == [
+        f"{name}/{metric}" for name in ("in_dist", "shifted") for metric in ("val_loss", "val_acc")]  # fmt: skip
+    refused = run_in(project, f"{package}.train", "--config", "configs/smoke.yaml", f"out_dir={tmp_path / 'r2'}")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: monitor 'val_loss': build_datasets returned 2 validation sets (in_dist, shifted); say whose, e.g. "
+        "monitor=in_dist/val_loss"]  # fmt: skip

@@ -315,6 +315,25 @@ def test_rank_0_decides_what_every_rank_resumes_from(tmp_path):
     assert "error (rank 0): another process could not read" in output
 
 
+def test_two_validation_sets_under_torchrun_are_each_the_whole_sets_metrics(make_config, no_dropout, tmp_path,
+                                                                             monkeypatch):  # fmt: skip
+    common = ["precision=fp32", "max_steps=4", "warmup_steps=0", "eval_every=2", "ckpt_every=4", "log_every=2",
+              "monitor=shifted/val_acc"]  # fmt: skip
+    env = {"STAND_IN_DROPOUT": "0", "STAND_IN_TWO_VAL_SETS": "1"}
+    process = torchrun(tmp_path / "two", *common, "batch_size=16", env=env)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    monkeypatch.setattr(stand_in, "TWO_VAL_SETS", True)  # the same sets, in one process
+    alone = make_config(*common, "batch_size=32", name="alone")
+    train(alone)
+    ours, theirs = ([r for r in read_metrics(Path(out) / "metrics.jsonl") if "shifted/val_acc" in r]
+                    for out in (tmp_path / "two", alone.out_dir))  # fmt: skip
+    assert len(ours) == 2 and [r.keys() for r in ours] == [r.keys() for r in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert all(a[key] == pytest.approx(b[key], rel=1e-5) for key in a), (a, b)
+    assert checkpoint(tmp_path / "two")["best_step"] == checkpoint(alone.out_dir)["best_step"]
+
+
 def test_sigterm_during_evaluation_stops_every_rank_at_once(tmp_path):
     out_dir = tmp_path / "ddp"
     process = torchrun(out_dir, "max_steps=100", "warmup_steps=0", "eval_every=10", "ckpt_every=100",
@@ -330,7 +349,7 @@ def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_pa
     # parallel=fsdp shards parameters, gradients and optimizer moments over the 2 ranks; with accumulation
     # (gradients reduce-scattered in every micro-batch) it must train as DDP does, norm for norm.
     common = ["precision=fp32", "max_steps=8", "warmup_steps=2", "accum_steps=2", "batch_size=16", "log_every=1",
-              "eval_every=4", "ckpt_every=4", "dist_timeout_minutes=0.5"]  # fmt: skip
+              "eval_every=4", "ckpt_every=4", "dist_timeout_minutes=0.5", "keep_every=4"]  # fmt: skip
     # 481 validation sequences: shards of 241 and 240, so 16 batches of 16 on rank 0 and 15 on rank 1, which
     # must join rank 0's last forward (FSDP gathers the weights from both ranks in each).
     env = {"STAND_IN_DROPOUT": "0", "STAND_IN_VAL_SIZE": "481"}
@@ -350,6 +369,10 @@ def test_fsdp_trains_as_ddp_does_and_its_best_pt_evaluates_in_one_process(tmp_pa
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "fsdp" / "last.pt").exists()  # fsdp's latest state is the sharded folder last/
+    for snapshot in ("step-00000004.pt", "step-00000008.pt"):  # kept snapshots: gathered on rank 0, as best.pt
+        theirs, ours = (checkpoint(tmp_path / name / "snapshots", snapshot)["model"] for name in ("ddp", "fsdp"))
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(stand_in, "VAL_SIZE", 481)
     # Gradients reduce-scattered in each micro-batch (2 a step), for each of the 3 sharded units.
     assert [p["reduce_scatter_calls"] for p in probes(tmp_path / "fsdp")] == [8 * 2 * 3, 8 * 2 * 3]
