@@ -116,20 +116,27 @@ def test_max_time_saves_and_exits_124_and_the_resumed_run_is_the_uninterrupted_o
     assert_same_run(reference.out_dir, limited.out_dir)
 
 
-def test_sgd_with_momentum_learns_and_resumes_exactly(make_config, monkeypatch):
-    run = [*RUN, "optimizer=sgd", "lr=0.3", "momentum=0.9", "precision=fp32"]  # fp32: no fp16 scale search
+def stopped_and_resumed(make_config, monkeypatch, run: list[str]) -> tuple[str, str]:
+    """The out_dirs of a run, and of the same run stopped by SIGTERM in step 23, then resumed with resume=auto."""
     reference = make_config(*run, name="reference")
     train(reference)
     interrupted = make_config(*run, name="interrupted")
     with monkeypatch.context() as patch:
         signal_during_step(patch, step=23)
         assert train(interrupted)["exit_code"] == 143
+    assert checkpoint(interrupted.out_dir)["step"] == 23
     train(make_config(*run, "resume=auto", name="interrupted"))
-    records = run_records(reference.out_dir)
-    assert records == run_records(interrupted.out_dir)
+    return reference.out_dir, interrupted.out_dir
+
+
+def test_sgd_with_momentum_learns_and_resumes_exactly(make_config, monkeypatch):
+    run = [*RUN, "optimizer=sgd", "lr=0.3", "momentum=0.9", "precision=fp32"]  # fp32: no fp16 scale search
+    reference, interrupted = stopped_and_resumed(make_config, monkeypatch, run)
+    records = run_records(reference)
+    assert records == run_records(interrupted)
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.7 * losses[0]  # it learns
-    a, b = checkpoint(reference.out_dir), checkpoint(interrupted.out_dir)
+    a, b = checkpoint(reference), checkpoint(interrupted)
     assert_same_weights(a["model"], b["model"])
     momentum = [state["momentum_buffer"] for state in a["optimizer"]["state"].values()]
     assert len(momentum) == 5 and all(m.abs().sum() > 0 for m in momentum)
@@ -874,34 +881,20 @@ def test_a_step_whose_gradients_are_infinite_but_not_nan_is_skipped(make_config,
 
 
 def test_a_run_with_weight_ema_resumes_its_average_bit_exact(make_config, monkeypatch):
-    run = [*RUN, "ema_decay=0.9", "ema_start=5"]
-    reference = make_config(*run, name="reference")
-    train(reference)
-    interrupted = make_config(*run, name="interrupted")
-    with monkeypatch.context() as patch:
-        signal_during_step(patch, step=23)
-        assert train(interrupted)["exit_code"] == 143
-    assert checkpoint(interrupted.out_dir)["step"] == 23
-    train(make_config(*run, "resume=auto", name="interrupted"))
-    assert_same_run(reference.out_dir, interrupted.out_dir)  # evaluations (of the average) and best.pt included
-    assert_same_weights(checkpoint(reference.out_dir)["ema"], checkpoint(interrupted.out_dir)["ema"])
+    reference, interrupted = stopped_and_resumed(make_config, monkeypatch, [*RUN, "ema_decay=0.9", "ema_start=5"])
+    assert_same_run(reference, interrupted)  # evaluations (of the average) and best.pt included
+    assert_same_weights(checkpoint(reference)["ema"], checkpoint(interrupted)["ema"])
 
 
 def test_muon_learns_and_resumes_exactly(make_config, monkeypatch):
     run = [*RUN, "optimizer=muon", "lr=0.02", "precision=fp32"]
-    reference = make_config(*run, name="reference")
-    train(reference)
-    interrupted = make_config(*run, name="interrupted")
-    with monkeypatch.context() as patch:
-        signal_during_step(patch, step=23)
-        assert train(interrupted)["exit_code"] == 143
-    train(make_config(*run, "resume=auto", name="interrupted"))
-    records = run_records(reference.out_dir)
-    assert records == run_records(interrupted.out_dir)
+    reference, interrupted = stopped_and_resumed(make_config, monkeypatch, run)
+    records = run_records(reference)
+    assert records == run_records(interrupted)
     losses = [r["loss"] for r in records if "loss" in r]
     print(f"muon: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.7 * losses[0]  # it learns
-    a, b = checkpoint(reference.out_dir), checkpoint(interrupted.out_dir)
+    a, b = checkpoint(reference), checkpoint(interrupted)
     assert_same_weights(a["model"], b["model"])
     # Muon's momentum for the hidden matrix (1.weight: the embedding and the output layer are AdamW's), AdamW's
     # moments for the rest, each by name, each resumed bit-exact.
