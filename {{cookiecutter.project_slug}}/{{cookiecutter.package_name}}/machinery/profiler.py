@@ -77,7 +77,7 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.memory._dump_snapshot(str(self.folder / f"memory-rank{self.rank}.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)
-        by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         log.info("profile of steps %d-%d written to %s; the most expensive operators:", *self.window, trace.parent)
         log.info("%s", profiler.key_averages().table(sort_by=by, row_limit=TABLE_ROWS))
 
