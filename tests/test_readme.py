@@ -227,5 +227,5 @@ def test_the_several_validation_sets_example_trains_evaluates_each_and_monitors_
         f"{name}/{metric}" for name in ("in_dist", "shifted") for metric in ("val_loss", "val_acc")]  # fmt: skip
     refused = run_in(project, f"{package}.train", "--config", "configs/smoke.yaml", f"out_dir={tmp_path / 'r2'}")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
-        "error: monitor 'val_loss': build_datasets returned 2 validation sets (in_dist, shifted); say whose, e.g. "
-        "monitor=in_dist/val_loss"]  # fmt: skip
+        "error: monitor 'val_loss': build_datasets returned validation sets by name (in_dist, shifted); say whose, "
+        "e.g. monitor=in_dist/val_loss"]  # fmt: skip

@@ -134,7 +134,7 @@ def check_monitor(cfg: Config, loaders: dict[str, DataLoader]) -> None:
     names = [name for name in loaders if name]
     if names and "/" not in cfg.monitor:
         raise ConfigError(
-            f"monitor '{cfg.monitor}': build_datasets returned {len(loaders)} validation sets ({', '.join(names)}); "
+            f"monitor '{cfg.monitor}': build_datasets returned validation sets by name ({', '.join(names)}); "
             f"say whose, e.g. monitor={names[0]}/{cfg.monitor}"
         )
     if cfg.monitor.rpartition("/")[0] not in loaders:
